@@ -28,6 +28,8 @@ def machine() -> dict:
     else:
         info["gpu"] = None
         info["cpu"] = platform.processor() or platform.machine()
+    # OpenMP's wait policy changes small-op CPU timings by up to 2x (benchmarks/rollout.py)
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     try:
         info["load_average_1min"] = os.getloadavg()[0]  # a busy machine makes timings unreliable
     except OSError:

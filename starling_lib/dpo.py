@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from starling_lib.policy import (PolicyTrainConfig, PolicyTrainResult, evaluate_policy, load_prompts,
+from starling_lib.policy import (PolicyTrainConfig, PolicyTrainResult, eval_settings, evaluate_policy, load_prompts,
                                  policy_with_reference, resolve_policy, save_policy)
 
 
@@ -103,8 +103,7 @@ def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None) -> PolicyTr
     reward_model = load_reward_model(cfg.reward_model, device=trainer.args.device,
                                      dtype=torch.bfloat16 if precision == "bf16" else None)
     _, eval_prompts = load_prompts(cfg, tokenizer)
-    eval_kwargs = dict(samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.eval_batch_size)
+    eval_kwargs = eval_settings(cfg)
     evals, eval_details, eval_s = [], [], 0.0
 
     def run_eval(step: int, tuned) -> None:

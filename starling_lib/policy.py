@@ -127,6 +127,14 @@ class PolicyTrainConfig:
     top_p: float = 1.0
     """Nucleus sampling mass of the rollouts."""
 
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 samples from the whole vocabulary, the
+    distribution the losses score (as TRL does; `generate`'s own default would be 50)."""
+
+    rollout_engine: str = "auto"
+    """How rollouts are sampled: "fast" (starling_lib.sampling: a preallocated KV cache, about 2x
+    `generate` on the tiny model), "hf" (`model.generate`), "auto" (fast where supported)."""
+
     lr: float = 2e-4
     """AdamW learning rate of the trainable layers and the value head. Starling (APA, 7B): 2e-7; the
     tiny model barely moves at that, and at 1e-4 gains about half as much reward in 32 steps (measured)."""
@@ -243,6 +251,8 @@ class PolicyTrainConfig:
             raise ValueError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.score_norm not in {"none", "center", "whiten"}:
             raise ValueError(f"score_norm must be none, center or whiten, got {self.score_norm!r}")
+        if self.rollout_engine not in {"auto", "fast", "hf"}:
+            raise ValueError(f"rollout_engine must be auto, fast or hf, got {self.rollout_engine!r}")
         if self.p3o_variant not in {"joint", "separate"}:
             raise ValueError(f"p3o_variant must be joint or separate, got {self.p3o_variant!r}")
         if not 0 < self.micro_batch_size <= self.minibatch_size <= self.rollouts_per_step:
@@ -309,6 +319,8 @@ def load_prompts(cfg: PolicyTrainConfig, tokenizer) -> tuple[list[list[dict]], l
     def fitting(ds) -> list[list[dict]]:
         messages = [prompt_to_messages(p) for p in ds["prompt"]]
         texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+        if not texts:   # an empty split (e.g. test_fraction 0); the tokenizer fails on an empty list
+            return []
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         return [m for m, n in zip(messages, lengths) if n <= cfg.max_prompt_tokens]
 
@@ -418,8 +430,8 @@ def ended_with_stop(batch, tokenizer) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_policy(policy: SharedTrunkPolicy, tokenizer, reward_model, prompts: Sequence, *, samples: int = 2,
-                    max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                    batch_size: int = 32, autocast=None) -> dict[str, Any]:
+                    max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    seed: int = 0, batch_size: int = 32, autocast=None, engine: str = "auto") -> dict[str, Any]:
     """Mean reward and KL to the initial policy on fixed prompts, `samples` responses each.
 
     Sampling uses a private RNG seeded with `seed` (the caller's RNG is untouched), so two policies
@@ -441,7 +453,8 @@ def evaluate_policy(policy: SharedTrunkPolicy, tokenizer, reward_model, prompts:
             chunk = rows[start:start + batch_size]
             with autocast():
                 batch = generate(policy.model, tokenizer, chunk, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, do_sample=temperature > 0)
+                                 temperature=temperature, top_p=top_p, top_k=top_k, do_sample=temperature > 0,
+                                 engine=engine)
                 out = policy(batch.input_ids, batch.attention_mask, batch.response_start, with_ref=True)
             m = batch.response_mask
             kls.append((kl_penalty(out["logprobs"], out["ref_logprobs"], "k3") * m).sum(-1).cpu())
@@ -473,9 +486,14 @@ def evaluate_initial(cfg: PolicyTrainConfig) -> dict[str, Any]:
     reward_model = load_reward_model(cfg.reward_model, device=device,
                                      dtype=torch.bfloat16 if device.type == "cuda" else None)
     _, prompts = load_prompts(cfg, tokenizer)
-    return evaluate_policy(policy, tokenizer, reward_model, prompts, samples=cfg.eval_samples,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                           seed=cfg.seed, batch_size=cfg.eval_batch_size)
+    return evaluate_policy(policy, tokenizer, reward_model, prompts, **eval_settings(cfg))
+
+
+def eval_settings(cfg: PolicyTrainConfig) -> dict[str, Any]:
+    """`evaluate_policy`'s sampling settings from a config: the same for every method and the initial policy."""
+    return dict(samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed, batch_size=cfg.eval_batch_size,
+                engine=cfg.rollout_engine)
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,9 +630,8 @@ def train_policy(cfg: PolicyTrainConfig, stop_after: int | None = None) -> Polic
     def run_eval(step: int) -> None:
         nonlocal eval_s
         t = time.perf_counter()
-        e = evaluate_policy(unwrapped, tokenizer, reward_model, eval_prompts, samples=cfg.eval_samples,
-                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            seed=cfg.seed, batch_size=cfg.eval_batch_size, autocast=accelerator.autocast)
+        e = evaluate_policy(unwrapped, tokenizer, reward_model, eval_prompts, **eval_settings(cfg),
+                            autocast=accelerator.autocast)
         if not any(r["step"] == step for r in evals):   # a run resumed at its end has this record already
             evals.append({"step": step, **{f"policy/{m}/eval_{k}": v for k, v in e.items()
                                            if k not in ("examples", "rewards")}})
@@ -634,7 +651,7 @@ def train_policy(cfg: PolicyTrainConfig, stop_after: int | None = None) -> Polic
         torch.manual_seed(_step_seed(cfg.seed, step, rank))
         with torch.no_grad(), accelerator.autocast():
             batch = generate(unwrapped.model, tokenizer, b_prompts, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p)
+                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, engine=cfg.rollout_engine)
         b_mask = batch.response_mask
         b_scores = reward_model.score(b_prompts, [r.strip() for r in batch.responses]).to(device)   # (B,)
         outs = []

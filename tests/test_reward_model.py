@@ -17,6 +17,7 @@ from starling_lib.reward_model import (
     chat_texts,
     encode_chats,
     load_reward_model,
+    pack_shared_prompts,
     pad_right,
     resolve_backbone,
     reward_model_dir,
@@ -194,3 +195,57 @@ def test_clear_errors_for_missing_models(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_backbone(str(tmp_path / "empty"))
     assert resolve_backbone("meta-llama/Llama-2-7b-chat-hf") == "meta-llama/Llama-2-7b-chat-hf"  # a hub id
+
+
+# ---------------------------------------------------------------------------------------------
+# packing: each prompt once for its answers, rows packed tight
+
+
+def test_pack_shared_prompts_by_hand():
+    # two answers of prompt [1, 2, 3], one of prompt [5, 6]
+    seqs, prompt_lengths = [[1, 2, 3, 10, 11], [1, 2, 3, 20], [5, 6, 30, 31]], [3, 3, 2]
+    pk = pack_shared_prompts(seqs, prompt_lengths, pack_length=9, pad_id=0)
+    # segment [1 2 3 | 10 11 | 20] (6 tokens) fills row 0; [5 6 | 30 31] does not fit beside it
+    assert pk["input_ids"].tolist() == [[1, 2, 3, 10, 11, 20], [5, 6, 30, 31, 0, 0]]
+    assert pk["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 0, 0]]
+    assert pk["read"].tolist() == [[0, 4], [0, 5], [1, 3]]
+    m = pk["attention_mask"][:, 0].int()
+    assert m[0, 5].tolist() == [1, 1, 1, 0, 0, 1]      # answer "20" sees its prompt and itself, not "10 11"
+    assert m[0, 4].tolist() == [1, 1, 1, 1, 1, 0]      # "11" sees the prompt and "10"
+    assert m[1, 4].tolist() == [0, 0, 0, 0, 1, 0]      # a pad token sees only itself
+    # a segment longer than a row is split, the prompt repeated
+    pk = pack_shared_prompts(seqs[:2], prompt_lengths[:2], pack_length=5, pad_id=0)
+    assert sorted(pk["input_ids"].tolist()) == [[1, 2, 3, 10, 11], [1, 2, 3, 20, 0]]
+    with pytest.raises(ValueError, match="pack_length=4 is shorter"):
+        pack_shared_prompts(seqs, prompt_lengths, pack_length=4, pad_id=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rewards_equal_padded_rewards(attn):
+    model, tok = build_reward_model("tiny", max_length=48)
+    model.backbone.config._attn_implementation = attn
+    prompts = [MESSAGES, [{"role": "user", "content": "Write a long story about a dragon " * 8}]]
+    answers = [["Paris.", "It is Paris, the largest city of France.", "Lyon."],
+               ["Once upon a time " * 10, "No.", "A dragon lived in a cave and slept."]]
+    texts = [chat_texts(p, a) for p, row in zip(prompts, answers) for a in row]
+    seqs, prompt_lengths = encode_chats(tok, [t[0] for t in texts], [t[1] for t in texts], 48, return_prompt_lengths=True)
+    assert len(set(prompt_lengths[3:])) > 1            # the long prompt is cut differently per answer
+    with torch.no_grad():
+        padded = model(*pad_right(seqs, tok.pad_token_id))
+        pk = pack_shared_prompts(seqs, prompt_lengths, 96, tok.pad_token_id)
+        packed = model(pk["input_ids"], pk["attention_mask"], pk["position_ids"], pk["read"])
+    assert torch.allclose(packed, padded, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the top block's input needs no grad: expected
+def test_gradient_checkpointing_does_not_backprop_through_frozen_layers():
+    model, tok = build_reward_model("tiny", max_length=32, unfrozen_layers=1, gradient_checkpointing=True)
+    blocks = model.backbone.layers
+    reached = []
+    for i, block in enumerate(blocks):
+        block.register_full_backward_pre_hook(lambda m, g, i=i: reached.append(i))
+    ids, mask = pad_right(encode_chats(tok, *zip(chat_texts(MESSAGES, "Paris.")), 32), tok.pad_token_id)
+    model.train()
+    model(ids, mask).sum().backward()
+    assert set(reached) == {len(blocks) - 1}
+    assert blocks[-1].mlp.down_proj.weight.grad is not None

@@ -146,6 +146,16 @@ def test_training_logs_evaluates_and_saves(straight):
     assert not torch.equal(straight.model.backbone.state_dict()["norm.weight"], untrained["norm.weight"])
 
 
+def test_packed_and_padded_layouts_train_alike(straight):
+    """Packing (the default) changes the layout only: losses agree with the padded run to rounding."""
+    assert straight.config.packing
+    padded = train_reward_model(RMTrainConfig(**TINY, packing=False))
+    assert [h["rm/loss"] for h in padded.history] == pytest.approx([h["rm/loss"] for h in straight.history], rel=1e-4)
+    assert padded.tokens == straight.tokens          # real tokens counted alike, whatever the layout
+    with pytest.raises(ValueError, match="pack_length"):
+        RMTrainConfig(max_length=64, pack_length=32)
+
+
 def test_resume_after_an_interruption_gives_the_same_weights(straight, tmp_path):
     cfg = RMTrainConfig(**TINY, eval_every=2, eval_prompts=3, output_dir=str(tmp_path), checkpoint_every=2)
     first = train_reward_model(cfg, stop_after=2)                 # "interrupted" after step 2

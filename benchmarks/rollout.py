@@ -1,0 +1,92 @@
+"""Rollout throughput: the project's sampler (starling_lib.sampling) against plain `model.generate`.
+
+Generated tokens per second on the same model, prompts, batch and lengths: every engine samples
+exactly `--new-tokens` tokens per prompt from the full softmax (stop tokens off, so no engine
+wins by stopping early). Engines:
+
+    hf-generate         model.generate with its default dynamic KV cache
+    hf-generate-static  model.generate(cache_implementation="static"): transformers' preallocated cache
+    starling-sampler    sampling.sample: preallocated cache, fused RMSNorm, one rotary call per layer,
+                        inverse-CDF sampling (what rollout.generate uses for Llama/Mistral/Qwen2)
+
+Target (issue 7): at least 2x plain `generate` (8 prompts x 64 tokens with the tiny model).
+The prompts are bundled Nectar prompts in the chat template, left-padded.
+
+    python -m benchmarks.rollout                      # tiny model, 8 x 64, on CPU
+    python -m benchmarks.rollout --layers 8 --batch 32 --new-tokens 128
+
+On CPU the OpenMP wait policy matters as much as the engine: with OMP_WAIT_POLICY=PASSIVE (what
+the Makefile's demo/test targets set, to survive a loaded machine) small decoding steps pay for
+waking the threads each time; the machine block of the result records the policy in force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from benchmarks.common import report, timeit
+from starling_lib.models import load_model_and_tokenizer
+from starling_lib.sampling import sample
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=8, help="prompts sampled at once")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per prompt")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the tiny model")
+    parser.add_argument("--model", default="tiny", help='"tiny" or a from_pretrained folder / hub id')
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per engine (median)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 leaves torch's default")
+    parser.add_argument("--name", default="rollout", help="results/<name>.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from starling_lib.data import load_nectar, prompt_to_messages
+
+    extra = {"num_hidden_layers": args.layers} if args.model == "tiny" else {}
+    model, tok = load_model_and_tokenizer(args.model, **extra)
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [prompt_to_messages(p) for p in load_nectar("bundled")["prompt"][:args.batch]]
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=256,
+              add_special_tokens=False).to(device)
+    n = args.new_tokens
+
+    def hf(cache: str | None):
+        extra_args = {"cache_implementation": cache} if cache else {}
+        return lambda: model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=0, top_p=1.0,
+                                      pad_token_id=tok.pad_token_id, **extra_args)
+
+    def ours():
+        return sample(model, enc["input_ids"], enc["attention_mask"], n, [], tok.pad_token_id)
+
+    engines = {"hf-generate": hf(None), "hf-generate-static": hf("static"), "starling-sampler": ours}
+    rows = []
+    with torch.no_grad():
+        for name, fn in engines.items():
+            try:
+                out = fn()
+                assert out.shape[1] == enc["input_ids"].shape[1] + n, out.shape
+                s = timeit(fn, repeat=args.repeat, warmup=1)
+                rows.append({"engine": name, "s_per_batch": s, "tokens_per_s": args.batch * n / s})
+            except Exception as e:  # an engine this torch/transformers cannot run is reported, not fatal
+                rows.append({"engine": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+    base = next((r for r in rows if r["engine"] == "hf-generate" and "tokens_per_s" in r), None)
+    for r in rows:
+        if base and "tokens_per_s" in r:
+            r["speed-up vs generate"] = r["tokens_per_s"] / base["tokens_per_s"]
+    notes = (f"{args.model} model ({args.layers} layers), {args.batch} prompts of up to {enc['input_ids'].shape[1]} "
+             f"tokens x {n} sampled tokens, device {device}, torch threads {torch.get_num_threads()}, "
+             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; median of {args.repeat}. "
+             "Target: starling-sampler >= 2x hf-generate. vLLM: not installable on this CPU-only machine.")
+    report(args.name, rows, notes)
+
+
+if __name__ == "__main__":
+    main()

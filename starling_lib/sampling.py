@@ -1,0 +1,169 @@
+"""Batched sampling for rollouts: a decoding loop with a preallocated KV cache, for Llama/Mistral/Qwen2.
+
+Online RLHF spends a third or more of each step generating (TRL's RLOO on a tiny model: a third;
+at Starling's 1024 new tokens far more). `transformers`' `generate` is general: every new token
+goes through its logits processors, stopping criteria, mask builders and a cache that grows by
+concatenation (O(T^2) copying over a response). This loop does only what a rollout needs:
+
+    prefill: the left-padded prompts through every layer, K and V written into a cache of
+             (B, kv_heads, P + max_new_tokens, head_dim) per layer, allocated once
+    decode:  for each new token: one position through every layer, K and V written in place,
+             attention over the filled part of the cache; sample from softmax(logits / T)
+             (optionally top-k / top-p); rows that emitted a stop token are padded from then on
+
+It calls the model's own modules (embeddings, norms, projections, rotary embedding, MLP, lm_head),
+so weights, dtypes, autocast and rope scaling are the model's; only the attention call and the
+cache are ours. Greedy decoding gives exactly the tokens of `model.generate` (tested).
+
+Scope: decoder-only models of the Llama family (`model.model.layers[i].self_attn.{q,k,v,o}_proj`,
+`apply_rotary_pos_emb` in their modelling module) with sdpa or eager attention and no sliding
+window shorter than the sequence. `supports_fast_sampling` says whether a model qualifies;
+`rollout.generate` falls back to `model.generate` when it does not.
+
+Departures from `generate`: sampling defaults to the full softmax (top_k=0, top_p=1), not the
+generation config's top_k=50, because the RL losses score responses under the full distribution;
+the random numbers are drawn differently, so sampled tokens differ from `generate`'s for the same
+seed (their distribution does not).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def supports_fast_sampling(model, total_length: int = 0) -> bool:
+    """Whether `sample` can run `model` for sequences of `total_length` tokens."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    if hasattr(model, "peft_config") or not hasattr(getattr(model, "model", None), "layers"):
+        return False   # adapters wrap the projections in ways this loop does not call
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and total_length > window:
+        return False
+    return True
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits with everything outside the top-k / the top-p nucleus set to -inf.  (B, V) -> (B, V).
+
+    top_k 0 and top_p 1.0 keep everything. The nucleus is the smallest set of most likely tokens
+    whose probabilities sum to at least top_p (the most likely token is always kept).
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                   # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked before it already carry top_p of the mass.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p                           # (B, V)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _attention(q, k, v, mask, scaling: float, eager: bool) -> torch.Tensor:
+    """q (B, H, Q, D), k and v (B, KV, S, D), mask (B, 1, Q, S) bool -> (B, Q, H * D)."""
+    groups = q.shape[1] // k.shape[1]
+    if eager or groups == 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+@torch.no_grad()
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+           stop_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           do_sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Prompt ids followed by up to `max_new_tokens` new ones, as `model.generate` returns them.
+
+    input_ids, attention_mask: (B, P) left-padded prompts. Returns (B, P + R), R <= max_new_tokens
+    (shorter when every row stopped early); after a row's stop token come `pad_id`s.
+    """
+    B, P = input_ids.shape
+    T = P + max_new_tokens
+    if not supports_fast_sampling(model, T):
+        raise ValueError(f"{type(model).__name__} is not supported by sampling.sample; use model.generate")
+    config, body = model.config, model.model
+    rotary = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    eager = config._attn_implementation == "eager"
+    device = input_ids.device
+    stops = torch.tensor(stop_ids, device=device)
+
+    key_valid = torch.zeros(B, T, dtype=torch.bool, device=device)              # which cache slots hold tokens
+    key_valid[:, :P] = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)              # (B, P) as generate counts
+    next_position = positions[:, -1:] + 1                                        # (B, 1)
+    caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def norm(module, x: torch.Tensor) -> torch.Tensor:
+        # Llama/Mistral/Qwen2 RMSNorm in one fused kernel: weight * rmsnorm(x in float32), cast back.
+        return module.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon).to(x.dtype)
+
+    def forward(ids: torch.Tensor, cos_sin: tuple, start: int, mask: torch.Tensor) -> torch.Tensor:
+        """ids (B, Q) at cache slots start..start+Q-1 -> last position's logits (B, V), float32."""
+        h = body.embed_tokens(ids)
+        Q = ids.shape[1]
+        for i, layer in enumerate(body.layers):
+            attn = layer.self_attn
+            x = norm(layer.input_layernorm, h)
+            q = attn.q_proj(x).view(B, Q, -1, attn.head_dim)
+            k = attn.k_proj(x).view(B, Q, -1, attn.head_dim)
+            v = attn.v_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)                # (B, KV, Q, D)
+            # Rotate queries and keys in one call: (B, H + KV, Q, D).
+            qk, _ = rotary.apply_rotary_pos_emb(torch.cat([q, k], 2).transpose(1, 2), v[:, :0], *cos_sin)
+            q, k = qk[:, :q.shape[2]], qk[:, q.shape[2]:]                                  # (B, H, Q, D), (B, KV, Q, D)
+            if len(caches) <= i:   # allocated at prefill, in the dtype autocast gave the keys
+                caches.append((k.new_zeros(B, k.shape[1], T, attn.head_dim), v.new_zeros(B, v.shape[1], T, attn.head_dim)))
+            k_cache, v_cache = caches[i]
+            k_cache[:, :, start:start + Q] = k
+            v_cache[:, :, start:start + Q] = v
+            end = start + Q
+            a = _attention(q, k_cache[:, :, :end], v_cache[:, :, :end], mask, attn.scaling, eager)
+            h = h + attn.o_proj(a)
+            h = h + layer.mlp(norm(layer.post_attention_layernorm, h))
+        return model.lm_head(norm(body.norm, h[:, -1])).float()
+
+    # Prefill. A pad query sees only itself, so no row of the mask is empty (an empty row is NaN).
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    mask = (causal & key_valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+    h0 = body.embed_tokens(input_ids[:, :1])   # only for the rotary embedding's dtype and device
+    logits = forward(input_ids, body.rotary_emb(h0, positions), 0, mask.unsqueeze(1))
+    # cos/sin of every decoding step's position at once, not one small call per token.
+    cos, sin = body.rotary_emb(h0, next_position + torch.arange(max_new_tokens, device=device))   # (B, R, D)
+
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        if do_sample:
+            if temperature != 1.0:
+                logits = logits / temperature
+            probs = filter_logits(logits, top_k, top_p).softmax(-1)
+            # Inverse-CDF sampling: one uniform number per row. (torch.multinomial draws an
+            # exponential per vocabulary entry: on CPU it was a fifth of the whole decoding step.)
+            u = torch.rand(B, 1, device=device, generator=generator)
+            token = torch.searchsorted(probs.cumsum(-1), u).squeeze(1)
+            token = token.clamp(max=probs.shape[-1] - 1)   # the cumsum can round to just under 1
+        else:
+            token = logits.argmax(-1)
+        token = token.masked_fill(done, pad_id)
+        out[:, t] = token
+        steps = t + 1
+        done |= torch.isin(token, stops)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        key_valid[:, P + t] = True
+        logits = forward(token.unsqueeze(1), (cos[:, t:t + 1], sin[:, t:t + 1]), P + t,
+                         key_valid[:, None, None, :P + t + 1])
+    return torch.cat([input_ids, out[:, :steps]], dim=1)

@@ -1,0 +1,95 @@
+"""The rollout sampler with a preallocated KV cache (starling_lib.sampling) against `generate`."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from starling_lib.chat import stop_token_ids
+from starling_lib.models import load_model_and_tokenizer
+from starling_lib.rollout import generate
+from starling_lib.sampling import filter_logits, sample, supports_fast_sampling
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = load_model_and_tokenizer("tiny", device="cpu", num_hidden_layers=4)
+    return model.eval(), tok
+
+
+def left_padded(tok, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, tok.vocab_size - 10, (n, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0          # rows of different lengths: the first two left-padded
+    mask[1, :1] = 0
+    return ids.masked_fill(mask == 0, tok.pad_token_id), mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_tokens_equal_generate(tiny, attn):
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    model.config._attn_implementation = attn
+    ids, mask = left_padded(tok)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                         eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    ours = sample(model, ids, mask, 20, [tok.eos_token_id], tok.pad_token_id, do_sample=False)
+    assert torch.equal(ours, ref)
+
+
+def test_rows_after_their_stop_token_are_padded_and_the_loop_ends_when_all_stopped(tiny):
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    ids, mask = left_padded(tok)
+
+    def stop_now(module, args, logits):   # make the stop token certain at every step
+        return torch.full_like(logits, -1e4).index_fill_(-1, torch.tensor([tok.eos_token_id]), 1e4)
+
+    model.lm_head.register_forward_hook(stop_now)
+    out = sample(model, ids, mask, 10, stop_token_ids(tok), tok.pad_token_id)
+    assert out.shape == (3, 9 + 1)                       # everyone stopped at once: no more steps
+    assert (out[:, -1] == tok.eos_token_id).all()
+
+
+def test_sampling_follows_the_softmax(tiny):
+    """Frequencies of the first sampled token match softmax(logits / T) of a plain forward."""
+    model, tok = tiny
+    ids = torch.tensor([[tok.bos_token_id, 100, 200, 300]])
+    with torch.no_grad():
+        p = torch.softmax(model(input_ids=ids).logits[0, -1] / 0.7, -1)
+    torch.manual_seed(0)
+    n = 4000
+    firsts = sample(model, ids.expand(n, -1), torch.ones(n, 4, dtype=torch.long), 1, [], tok.pad_token_id,
+                    temperature=0.7)[:, -1]
+    top = p.argsort(descending=True)[:3]
+    for t in top:
+        freq = (firsts == t).float().mean().item()
+        assert abs(freq - p[t].item()) < 4 * math.sqrt(p[t].item() * (1 - p[t].item()) / n) + 1e-3
+
+
+def test_filter_logits_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1]]))
+    assert filter_logits(logits, top_k=2)[0].isinf().tolist() == [False, False, False, True]   # a tie at the k-th stays
+    assert torch.isinf(filter_logits(logits, top_k=1)[0, 1:]).all()
+    # nucleus 0.6: 0.5 alone is not enough, 0.5 + 0.2 is; the second 0.2 (and 0.1) go
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.6)[0])
+    assert kept.sum() == 2 and kept[0]
+    assert not torch.isinf(filter_logits(logits, top_p=1.0)).any()
+    assert kept.tolist() == (~torch.isinf(filter_logits(logits, top_p=0.5 + 1e-6)[0])).tolist()
+
+
+def test_rollout_generate_engines_agree_greedily_and_fall_back(tiny):
+    model, tok = tiny
+    prompts = [[{"role": "user", "content": "Hello"}], [{"role": "user", "content": "Tell me about the moon."}]]
+    fast = generate(model, tok, prompts, max_new_tokens=8, do_sample=False, engine="fast")
+    hf = generate(model, tok, prompts, max_new_tokens=8, do_sample=False, engine="hf")
+    assert torch.equal(fast.input_ids, hf.input_ids) and fast.responses == hf.responses
+    assert supports_fast_sampling(model)
+    windowed = copy.deepcopy(model)
+    windowed.config.sliding_window = 64
+    assert supports_fast_sampling(windowed, total_length=64)
+    assert not supports_fast_sampling(windowed, total_length=65)   # past the window: generate's business
+    with pytest.raises(ValueError, match="engine"):
+        generate(model, tok, prompts, engine="vllm")
