@@ -27,7 +27,7 @@ def machine() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
     else:
         info["gpu"] = None
-        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu"] = _cpu_model() or platform.processor() or platform.machine()
     # OpenMP's wait policy changes small-op CPU timings by up to 2x (benchmarks/rollout.py)
     info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     try:
@@ -35,6 +35,16 @@ def machine() -> dict:
     except OSError:
         pass
     return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:

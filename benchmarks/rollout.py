@@ -10,7 +10,9 @@ wins by stopping early). Engines:
                         inverse-CDF sampling (what rollout.generate uses for Llama/Mistral/Qwen2)
 
 Target (issue 7): at least 2x plain `generate` (8 prompts x 64 tokens with the tiny model).
-The prompts are bundled Nectar prompts in the chat template, left-padded.
+The prompts are the first bundled Nectar prompts that fit in `--max-prompt-tokens` (64, the policy
+trainer's default) in the chat template, left-padded. Longer prompts add a prefill that costs
+every engine alike (8 prompts of up to 256 tokens: ~100 ms, a third of the sampler's time).
 
     python -m benchmarks.rollout                      # tiny model, 8 x 64, on CPU
     python -m benchmarks.rollout --layers 8 --batch 32 --new-tokens 128
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 import torch
 
@@ -36,9 +39,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8, help="prompts sampled at once")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per prompt")
+    parser.add_argument("--max-prompt-tokens", type=int, default=64,
+                        help="use prompts this long at most (PolicyTrainConfig.max_prompt_tokens' default)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the tiny model")
     parser.add_argument("--model", default="tiny", help='"tiny" or a from_pretrained folder / hub id')
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per engine (median)")
+    parser.add_argument("--repeat", type=int, default=9, help="timed runs per engine, interleaved (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 leaves torch's default")
     parser.add_argument("--name", default="rollout", help="results/<name>.json")
     args = parser.parse_args(argv)
@@ -51,11 +56,18 @@ def main(argv=None) -> None:
     model, tok = load_model_and_tokenizer(args.model, **extra)
     model.eval()
     device = next(model.parameters()).device
-    prompts = [prompt_to_messages(p) for p in load_nectar("bundled")["prompt"][:args.batch]]
-    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    # The first bundled prompts that fit, as the policy trainer picks them (max_prompt_tokens).
+    texts = []
+    for p in load_nectar("bundled")["prompt"]:
+        text = tok.apply_chat_template(prompt_to_messages(p), tokenize=False, add_generation_prompt=True)
+        if len(tok(text, add_special_tokens=False)["input_ids"]) <= args.max_prompt_tokens:
+            texts.append(text)
+        if len(texts) == args.batch:
+            break
+    if len(texts) < args.batch:
+        raise SystemExit(f"only {len(texts)} bundled prompts fit in {args.max_prompt_tokens} tokens")
     tok.padding_side = "left"
-    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=256,
-              add_special_tokens=False).to(device)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     n = args.new_tokens
 
     def hf(cache: str | None):
@@ -67,23 +79,34 @@ def main(argv=None) -> None:
         return sample(model, enc["input_ids"], enc["attention_mask"], n, [], tok.pad_token_id)
 
     engines = {"hf-generate": hf(None), "hf-generate-static": hf("static"), "starling-sampler": ours}
-    rows = []
+    times, errors = {name: [] for name in engines}, {}
     with torch.no_grad():
-        for name, fn in engines.items():
+        for name, fn in engines.items():   # warm-up, and the check that every engine samples n tokens
             try:
                 out = fn()
                 assert out.shape[1] == enc["input_ids"].shape[1] + n, out.shape
-                s = timeit(fn, repeat=args.repeat, warmup=1)
-                rows.append({"engine": name, "s_per_batch": s, "tokens_per_s": args.batch * n / s})
             except Exception as e:  # an engine this torch/transformers cannot run is reported, not fatal
-                rows.append({"engine": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                errors[name] = f"{type(e).__name__}: {str(e)[:120]}"
+        # Rounds of one run per engine, so a slow spell of a shared machine hits every engine alike.
+        for _ in range(args.repeat):
+            for name, fn in engines.items():
+                if name not in errors:
+                    times[name].append(timeit(fn, repeat=1, warmup=0))
+    rows = []
+    for name in engines:
+        if name in errors:
+            rows.append({"engine": name, "error": errors[name]})
+        else:
+            s = statistics.median(times[name])
+            rows.append({"engine": name, "s_per_batch": s, "tokens_per_s": args.batch * n / s,
+                         "min_s": min(times[name]), "max_s": max(times[name])})
     base = next((r for r in rows if r["engine"] == "hf-generate" and "tokens_per_s" in r), None)
     for r in rows:
         if base and "tokens_per_s" in r:
             r["speed-up vs generate"] = r["tokens_per_s"] / base["tokens_per_s"]
     notes = (f"{args.model} model ({args.layers} layers), {args.batch} prompts of up to {enc['input_ids'].shape[1]} "
              f"tokens x {n} sampled tokens, device {device}, torch threads {torch.get_num_threads()}, "
-             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; median of {args.repeat}. "
+             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; median of {args.repeat} interleaved runs. "
              "Target: starling-sampler >= 2x hf-generate. vLLM: not installable on this CPU-only machine.")
     report(args.name, rows, notes)
 

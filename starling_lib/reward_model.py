@@ -133,6 +133,21 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return input_ids, attention_mask
 
 
+def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices, each summing to <= capacity: items by decreasing size (ties in input
+    order), each into the first bin with room. Every item must fit in an empty bin."""
+    bins, room = [], []
+    for j in sorted(range(len(sizes)), key=lambda j: -sizes[j]):
+        b = next((b for b in range(len(bins)) if room[b] >= sizes[j]), None)
+        if b is None:
+            bins.append([])
+            room.append(capacity)
+            b = len(bins) - 1
+        bins[b].append(j)
+        room[b] -= sizes[j]
+    return bins
+
+
 def pack_shared_prompts(seqs: Sequence[Sequence[int]], prompt_lengths: Sequence[int], pack_length: int,
                         pad_id: int) -> dict[str, torch.Tensor]:
     """Lay out (prompt + answer) sequences so each prompt is encoded once for all its answers, and
@@ -140,16 +155,18 @@ def pack_shared_prompts(seqs: Sequence[Sequence[int]], prompt_lengths: Sequence[
 
     Sequences whose prompt tokens are identical (the K answers of one ranking, unless truncation
     cut the prompt differently for a long answer) form one segment: the prompt once, then each
-    answer. A segment that would pass `pack_length` is split, the prompt repeated in each part.
-    Segments fill rows first-fit by decreasing length.
+    answer. When a prompt and all its answers pass `pack_length`, the answers are split among
+    several segments, the prompt repeated in each. Segments fill rows first-fit by decreasing length.
 
         row:   [ prompt_1 | answer_1a | answer_1b | answer_1c ][ prompt_2 | answer_2a ] pad pad
         mask:  an answer token sees its own prompt and the earlier tokens of its own answer only
         positions: the prompt 0..P-1, every answer P..P+A-1, as if it were encoded alone
 
     So each answer's reward is what the padded layout computes (up to float rounding), with
-    fewer tokens: on the bundled Nectar at 384 tokens, 1.76x fewer than padding micro-batches of 4
-    rankings (28.6% of the padded tokens were padding, and prompts are a third of the rest).
+    fewer tokens: on the bundled Nectar at 384 tokens, 1.44x fewer through the model than padding
+    micro-batches of 4 rankings to their longest sequence (28.6% of those tokens were padding).
+    Attention over a packed row is computed densely, masked pairs included: rows much longer than
+    `max_length` trade the tokens saved for attention work (benchmarks/rm_epoch.py, --pack-length).
 
     Returns input_ids, position_ids (R, L); attention_mask (R, 1, L, L) bool, True where a token
     may attend; read (N, 2): (row, column) of the last token of each sequence, in input order.
@@ -157,29 +174,19 @@ def pack_shared_prompts(seqs: Sequence[Sequence[int]], prompt_lengths: Sequence[
     if any(len(s) > pack_length for s in seqs):
         raise ValueError(f"pack_length={pack_length} is shorter than a sequence "
                          f"({max(len(s) for s in seqs)} tokens); use pack_length >= max_length")
-    # 1. segments: [prompt ids, [(sequence index, answer ids), ...]], answers in input order
-    segments, open_segment = [], {}
+    # 1. segments: (prompt ids, [(sequence index, answer ids), ...]); a prompt's answers go into
+    #    as few segments of <= pack_length as first-fit decreasing finds
+    groups: dict[tuple, list] = {}
     for i, (ids, n_prompt) in enumerate(zip(seqs, prompt_lengths, strict=True)):
-        prompt, answer = tuple(ids[:n_prompt]), list(ids[n_prompt:])
-        seg = open_segment.get(prompt)
-        if seg is None or len(prompt) + sum(len(a) for _, a in seg[1]) + len(answer) > pack_length:
-            seg = open_segment[prompt] = [prompt, []]
-            segments.append(seg)
-        seg[1].append((i, answer))
+        groups.setdefault(tuple(ids[:n_prompt]), []).append((i, list(ids[n_prompt:])))
+    segments = [(prompt, [answers[j] for j in part])
+                for prompt, answers in groups.items()
+                for part in first_fit_decreasing([len(a) for _, a in answers], pack_length - len(prompt))]
     sizes = [len(p) + sum(len(a) for _, a in answers) for p, answers in segments]
-    # 2. first-fit decreasing into rows
-    rows, room = [], []
-    for j in sorted(range(len(segments)), key=lambda j: -sizes[j]):
-        for r in range(len(rows)):
-            if room[r] >= sizes[j]:
-                rows[r].append(j)
-                room[r] -= sizes[j]
-                break
-        else:
-            rows.append([j])
-            room.append(pack_length - sizes[j])
+    # 2. segments into rows, first-fit decreasing again
+    rows = first_fit_decreasing(sizes, pack_length)
     # 3. token layout: segment id (-1 pad) and answer id (0 for prompt tokens) decide the mask
-    width = max(pack_length - r for r in room)
+    width = max(sum(sizes[j] for j in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     seg_id = torch.full((len(rows), width), -1, dtype=torch.long)

@@ -36,7 +36,9 @@ configs/rm/starling_7b.yaml carries those settings. Departures from it: its loss
 Plackett-Luce NLL divided by K-1 (a constant factor we drop; AdamW hardly sees it); its data
 order is the Trainer's shuffling, ours a pure function of (seed, step); it truncates the whole
 chat from the left, we keep BOS and a quarter of the budget for the prompt (reward_model.py).
-`k` < 7 (ours) trains on a random sub-ranking of k answers per prompt, drawn afresh each step;
+`packing` (ours, on by default) encodes each prompt once for all its answers, in rows packed tight,
+where Starling-RM pads every (prompt + answer) of a forward pass to the longest; the rewards are
+the same up to float rounding. `k` < 7 (ours) trains on a random sub-ranking of k answers per prompt, drawn afresh each step;
 under Plackett-Luce a sub-ranking is itself Plackett-Luce with the same rewards (Luce's choice
 axiom), so the loss stays exact.
 """
