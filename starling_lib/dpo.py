@@ -63,14 +63,14 @@ def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None) -> PolicyTr
 
     from starling_lib.models import load_model_and_tokenizer
     from starling_lib.reward_model import load_reward_model
-    from starling_lib.rm_train import _mixed_precision
+    from starling_lib.training import mixed_precision
 
     if stop_after is not None:
         raise NotImplementedError("stop_after is not supported for DPO (TRL owns the loop)")
     if not cfg.reward_model:
         raise ValueError("reward_model is empty: DPO does not train on it, but it is evaluated with it")
     initial_path = resolve_policy(cfg.policy)
-    precision = _mixed_precision(cfg)
+    precision = mixed_precision(cfg)
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     # float32 master weights; the Trainer's autocast runs the forward in bf16 when asked.
     model, tokenizer = load_model_and_tokenizer(initial_path, device="cpu", dtype=torch.float32)

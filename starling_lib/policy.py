@@ -503,11 +503,11 @@ def eval_settings(cfg: PolicyTrainConfig) -> dict[str, Any]:
 def _make_accelerator(cfg: PolicyTrainConfig):
     from accelerate import Accelerator
 
-    from starling_lib.rm_train import _mixed_precision
+    from starling_lib.training import mixed_precision
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=_mixed_precision(cfg))
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg))
     n, unit = accelerator.num_processes, cfg.samples_per_prompt
     if cfg.rollouts_per_step % (n * unit) or cfg.minibatch_size % (n * unit):
         raise ValueError(f"rollouts_per_step={cfg.rollouts_per_step} and minibatch_size={cfg.minibatch_size} must "
@@ -592,12 +592,11 @@ def train_policy(cfg: PolicyTrainConfig, stop_after: int | None = None) -> Polic
     from tqdm.auto import tqdm
 
     from starling_lib.reward_model import load_reward_model
-    from starling_lib.rm_train import _check_fingerprint, _checkpoints, _lr_lambda, _save_checkpoint
+    from starling_lib.training import lr_lambda, resume_point, save_checkpoint
 
     if not cfg.reward_model:
         raise ValueError("reward_model is empty: give the folder of a saved reward model (notebook 03's output)")
-    latest = _checkpoints(cfg.output_dir)[-1] if cfg.output_dir and cfg.resume and _checkpoints(cfg.output_dir) else None
-    resume_state = _check_fingerprint(latest, cfg) if latest is not None else None
+    latest, resume_state = resume_point(cfg)
 
     accelerator = _make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -610,7 +609,7 @@ def train_policy(cfg: PolicyTrainConfig, stop_after: int | None = None) -> Polic
 
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))   # steps once per training step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))   # steps once per training step
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(policy)
 
@@ -725,7 +724,7 @@ def train_policy(cfg: PolicyTrainConfig, stop_after: int | None = None) -> Polic
         if cfg.eval_every and eval_prompts and (done % cfg.eval_every == 0 or done == cfg.steps):
             run_eval(done)
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == end_step):
-            _save_checkpoint(accelerator, cfg, {"step": done, "config": cfg.fingerprint(), "history": history,
+            save_checkpoint(accelerator, cfg, {"step": done, "config": cfg.fingerprint(), "history": history,
                                                 "evals": evals})
     bar.close()
     wall_s = time.perf_counter() - t0 - eval_s

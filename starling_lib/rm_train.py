@@ -48,9 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,6 +61,7 @@ import torch
 from starling_lib import reward_model as rmod
 from starling_lib.losses import pairwise_split_loss, plackett_luce_loss
 from starling_lib.rm_eval import pair_accuracy, ranking_metrics
+from starling_lib.training import lr_lambda, mixed_precision, resume_point, save_checkpoint
 
 LOSSES = {"kwise": plackett_luce_loss, "pairwise": pairwise_split_loss}
 
@@ -311,35 +310,13 @@ def collate_rankings(rows: Sequence[dict], tokenizer, k: int, max_length: int, s
 # the trainer
 
 
-def _lr_lambda(cfg: RMTrainConfig):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        if cfg.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
-def _mixed_precision(cfg: RMTrainConfig) -> str | None:
-    if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
-    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-        return None  # accelerate launch's --mixed_precision / config file decides
-    on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
-    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
-
-
 def make_accelerator(cfg: RMTrainConfig):
     """An `accelerate.Accelerator` for this config, with gradient accumulation for its batch sizes."""
     from accelerate import Accelerator
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=_mixed_precision(cfg))
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg))
     per_process = cfg.batch_size // accelerator.num_processes
     if cfg.batch_size % accelerator.num_processes or per_process % cfg.micro_batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} must split into {accelerator.num_processes} process(es) "
@@ -351,24 +328,6 @@ def make_accelerator(cfg: RMTrainConfig):
         ds_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
         ds_config["gradient_accumulation_steps"] = accelerator.gradient_accumulation_steps
     return accelerator
-
-
-def _checkpoints(output_dir: str) -> list[Path]:
-    """Complete checkpoints (their trainer_state.json is written last), oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    found = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _check_fingerprint(path: Path, cfg: RMTrainConfig) -> dict:
-    state = json.loads((path / "trainer_state.json").read_text())
-    saved, now = state["config"], cfg.fingerprint()
-    diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
-    if diff:
-        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(f"checkpoint {path} was written by a different config ({lines}); "
-                         f"delete {path.parent}, use another output_dir, or set resume=False to start over")
-    return state
 
 
 def _evaluate_heldout(model, tokenizer, rows, cfg: RMTrainConfig) -> dict[str, float]:
@@ -395,8 +354,7 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> Tra
     from tqdm.auto import tqdm
 
     # A checkpoint of another config fails here, before anything slow happens.
-    latest = _checkpoints(cfg.output_dir)[-1] if cfg.output_dir and cfg.resume and _checkpoints(cfg.output_dir) else None
-    resume_state = _check_fingerprint(latest, cfg) if latest is not None else None
+    latest, resume_state = resume_point(cfg)
 
     accelerator = make_accelerator(cfg)
     accum = accelerator.gradient_accumulation_steps
@@ -423,7 +381,7 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> Tra
         optimizer = accelerator.prepare(make_optimizer([p for p in model.parameters() if p.requires_grad]))
     # Not prepared: accelerate would step a prepared scheduler once per process; ours steps once
     # per optimizer step, which is what the schedule's step count means.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     accelerator.register_for_checkpointing(scheduler)
     loss_fn = LOSSES[cfg.loss]
 
@@ -497,7 +455,7 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> Tra
             bar.set_postfix(loss=f"{history[-1].get('rm/loss', float('nan')):.3f}",
                             acc=f"{history[-1].get('rm/train_pair_accuracy', float('nan')):.2f}")
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == end_step):
-            _save_checkpoint(accelerator, cfg, {"step": done, "config": cfg.fingerprint(), "history": history,
+            save_checkpoint(accelerator, cfg, {"step": done, "config": cfg.fingerprint(), "history": history,
                                                 "sequences": total_sequences, "tokens": total_tokens})
     bar.close()
     wall_s = time.perf_counter() - t0 - eval_s
@@ -519,18 +477,6 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> Tra
                        extra={"num_processes": accelerator.num_processes, "grad_accum_steps": accum, "eval_s": eval_s,
                               "distributed_type": str(accelerator.distributed_type.value),
                               "num_train_prompts": len(train_rows), "num_test_prompts": len(test_rows)})
-
-
-def _save_checkpoint(accelerator, cfg: RMTrainConfig, state: dict) -> None:
-    path = Path(cfg.output_dir) / "checkpoints" / f"step-{state['step']:06d}"
-    accelerator.save_state(str(path))   # model, optimizer, scheduler, RNG states (every process)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # Written last: a checkpoint without it was interrupted mid-save and is ignored on resume.
-        (path / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-        for old in _checkpoints(cfg.output_dir)[:-cfg.keep_checkpoints or None]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,7 +542,7 @@ def train_pairwise_baseline(cfg: RMTrainConfig, output_dir: str | os.PathLike) -
     else:
         rmod.freeze_backbone(getattr(model, model.base_model_prefix), cfg.unfrozen_layers)
 
-    precision = _mixed_precision(cfg)
+    precision = mixed_precision(cfg)
     args = RewardConfig(
         output_dir=str(output_dir), max_steps=cfg.steps, per_device_train_batch_size=pairs_per_micro,
         gradient_accumulation_steps=accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,

@@ -1,6 +1,5 @@
 """Nectar data layer: validation of every malformed-record kind, conversions, chat format."""
 
-import copy
 import json
 
 import jinja2

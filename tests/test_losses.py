@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from starling_lib.losses import bradley_terry_loss, pairwise_split_loss, plackett_luce_loss
 
