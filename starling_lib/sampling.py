@@ -107,7 +107,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def norm(module, x: torch.Tensor) -> torch.Tensor:
-        # Llama/Mistral/Qwen2 RMSNorm in one fused kernel: weight * rmsnorm(x in float32), cast back.
+        # Llama/Mistral/Qwen2 RMSNorm: weight * (rmsnorm of x in float32, cast back to x's dtype).
+        if x.dtype == module.weight.dtype == torch.float32:   # then one fused kernel is the same maths
+            return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
         return module.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon).to(x.dtype)
 
     def forward(ids: torch.Tensor, cos_sin: tuple, start: int, mask: torch.Tensor) -> torch.Tensor:
