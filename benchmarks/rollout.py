@@ -8,6 +8,7 @@ wins by stopping early). Engines:
     hf-generate-static  model.generate(cache_implementation="static"): transformers' preallocated cache
     starling-sampler    sampling.sample: preallocated cache, fused RMSNorm, one rotary call per layer,
                         inverse-CDF sampling (what rollout.generate uses for Llama/Mistral/Qwen2)
+    vllm                vLLM's offline engine on the same prompt ids (on a GPU, when vllm is installed)
 
 Target (issue 7): at least 2x plain `generate` (8 prompts x 64 tokens with the tiny model).
 The prompts are the first bundled Nectar prompts that fit in `--max-prompt-tokens` (64, the policy
@@ -33,6 +34,28 @@ import torch
 from benchmarks.common import report, timeit
 from starling_lib.models import load_model_and_tokenizer
 from starling_lib.sampling import sample
+
+
+def make_vllm(args, tok, enc, n):
+    """vLLM sampling the same prompt ids (None when vllm is not installed): a serving engine's
+    throughput, the ceiling an in-process sampler can be compared with. GPU only."""
+    try:
+        import vllm
+    except ImportError:
+        return None
+    from starling_lib.models import tiny_model_path
+
+    path = str(tiny_model_path(num_hidden_layers=args.layers)) if args.model == "tiny" else args.model
+    llm = vllm.LLM(model=path, tokenizer=path, dtype="auto", gpu_memory_utilization=0.3, seed=0)
+    params = vllm.SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=n, min_tokens=n, ignore_eos=True)
+    prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+
+    def run():
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == n for o in outs)
+        # shaped like the others' output so the length check below holds
+        return torch.zeros(len(prompts), enc["input_ids"].shape[1] + n)
+    return run
 
 
 def main(argv=None) -> None:
@@ -79,6 +102,10 @@ def main(argv=None) -> None:
         return sample(model, enc["input_ids"], enc["attention_mask"], n, [], tok.pad_token_id)
 
     engines = {"hf-generate": hf(None), "hf-generate-static": hf("static"), "starling-sampler": ours}
+    if device.type == "cuda":
+        vllm_engine = make_vllm(args, tok, enc, n)
+        if vllm_engine is not None:
+            engines["vllm"] = vllm_engine
     times, errors = {name: [] for name in engines}, {}
     with torch.no_grad():
         for name, fn in engines.items():   # warm-up, and the check that every engine samples n tokens
@@ -107,7 +134,8 @@ def main(argv=None) -> None:
     notes = (f"{args.model} model ({args.layers} layers), {args.batch} prompts of up to {enc['input_ids'].shape[1]} "
              f"tokens x {n} sampled tokens, device {device}, torch threads {torch.get_num_threads()}, "
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; median of {args.repeat} interleaved runs. "
-             "Target: starling-sampler >= 2x hf-generate. vLLM: not installable on this CPU-only machine.")
+             "Target: starling-sampler >= 2x hf-generate. "
+             + ("" if "vllm" in engines else "vLLM: measured only on a GPU with vllm installed."))
     report(args.name, rows, notes)
 
 
