@@ -155,7 +155,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             # Inverse-CDF sampling: one uniform number per row. (torch.multinomial draws an
             # exponential per vocabulary entry: on CPU it was a fifth of the whole decoding step.)
             u = torch.rand(B, 1, device=device, generator=generator)
-            token = torch.searchsorted(probs.cumsum(-1), u).squeeze(1)
+            # right=True: the first cumulative sum strictly above u, never a token of probability 0
+            token = torch.searchsorted(probs.cumsum(-1), u, right=True).squeeze(1)
             token = token.clamp(max=probs.shape[-1] - 1)   # the cumsum can round to just under 1
         else:
             token = logits.argmax(-1)

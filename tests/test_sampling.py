@@ -93,3 +93,12 @@ def test_rollout_generate_engines_agree_greedily_and_fall_back(tiny):
     assert not supports_fast_sampling(windowed, total_length=65)   # past the window: generate's business
     with pytest.raises(ValueError, match="engine"):
         generate(model, tok, prompts, engine="vllm")
+
+
+def test_sampling_never_picks_a_filtered_token(tiny):
+    """top_k=1 leaves one token of probability 1: sampling must then be greedy decoding."""
+    model, tok = tiny
+    ids, mask = left_padded(tok)
+    greedy = sample(model, ids, mask, 12, [tok.eos_token_id], tok.pad_token_id, do_sample=False)
+    torch.manual_seed(0)
+    assert torch.equal(sample(model, ids, mask, 12, [tok.eos_token_id], tok.pad_token_id, top_k=1), greedy)
