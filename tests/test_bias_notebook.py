@@ -4,16 +4,13 @@ part pointed at a fake OpenAI-compatible server on 127.0.0.1."""
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import papermill
 import pytest
 
 from starling_lib import bias
 
 pytestmark = pytest.mark.slow
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "02_positional_bias.ipynb"
 KEY = "sk-test-" + "N0tebookS3cret" * 2
 RANKING = "This is a good natured conversation.\n\n[['C', 'A', 'B', 'D', 'E', 'F', 'G']]"
 
@@ -38,23 +35,20 @@ class Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(tmp_path_factory, run_notebook):
     tmp = tmp_path_factory.mktemp("nb02")
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.authorizations = []
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this environment
-        mp.setenv("STARLING_JUDGE_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/v1")
-        mp.setenv("STARLING_JUDGE_MODEL", "fake-judge")
-        mp.setenv("STARLING_JUDGE_API_KEY", KEY)
-        papermill.execute_notebook(str(NOTEBOOK), str(tmp / "02.ipynb"), cwd=str(NOTEBOOK.parent),
-                                   kernel_name="python3", progress_bar=False,
-                                   parameters={"run_dir": str(tmp / "run"), "sim_prompts": 40,
-                                               "n_bootstrap": 200, "live_prompts": 3})
-    server.shutdown()
-    server.server_close()
-    out = tmp / "run" / "02_positional_bias"
-    return tmp, out, json.loads((out / "metrics.json").read_text()), server.authorizations
+    env = {"STARLING_JUDGE_BASE_URL": f"http://127.0.0.1:{server.server_address[1]}/v1",
+           "STARLING_JUDGE_MODEL": "fake-judge", "STARLING_JUDGE_API_KEY": KEY}
+    try:
+        out, metrics = run_notebook("02_positional_bias", tmp, {"sim_prompts": 40, "n_bootstrap": 200, "live_prompts": 3},
+                                    env=env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return tmp, out, metrics, server.authorizations
 
 
 def test_top_position_reproduces_the_six_bundled_runs(executed):

@@ -5,18 +5,14 @@ private STARLING_CACHE, so the tiny model and the small warm-up are built here a
 cache is left alone.
 """
 
-import json
-from pathlib import Path
-
 import nbformat
-import papermill
 import pytest
 
 from starling_lib.mtbench import resolve_models
 
 pytestmark = pytest.mark.slow
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "04_policy_tuning.ipynb"
+STEM = "04_policy_tuning"
 SMALL = {"steps": 2, "rollouts_per_step": 4, "minibatch_size": 2, "micro_batch_size": 2, "max_new_tokens": 8,
          "max_prompt_tokens": 48, "eval_every": 1, "eval_samples": 1, "eval_prompts": 3, "sft_steps": 4,
          "rm_fallback_steps": 2, "device": "cpu"}
@@ -24,16 +20,10 @@ METHODS = ["apa", "ppo", "p3o", "dpo"]
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(tmp_path_factory, run_notebook):
     tmp = tmp_path_factory.mktemp("nb04")
-    with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this environment
-        mp.setenv("STARLING_CACHE", str(tmp / "cache"))
-        mp.setenv("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads collapse when jobs share the cores
-        papermill.execute_notebook(str(NOTEBOOK), str(tmp / "04.ipynb"), cwd=str(NOTEBOOK.parent),
-                                   kernel_name="python3", progress_bar=False,
-                                   parameters={"run_dir": str(tmp / "run"), **SMALL})
-    out = tmp / "run" / "04_policy_tuning"
-    return tmp, out, json.loads((out / "metrics.json").read_text())
+    out, metrics = run_notebook(STEM, tmp, SMALL, env={"STARLING_CACHE": str(tmp / "cache")})
+    return tmp, out, metrics
 
 
 def test_metrics(executed):
@@ -61,7 +51,7 @@ def test_figures_policies_and_messages(executed):
     specs = resolve_models("", "", str(tmp / "run"))          # what notebook 05 will evaluate
     assert sorted(specs) == sorted(["initial", *METHODS])
     assert (tmp / "run" / "03_kwise_reward_training" / "reward_model" / "reward_model.json").exists()
-    nb = nbformat.read(tmp / "04.ipynb", as_version=4)
+    nb = nbformat.read(tmp / f"{STEM}.ipynb", as_version=4)
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     assert not any(o.get("output_type") == "error" for o in outputs)
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")

@@ -1,10 +1,8 @@
 """Notebook 03 executed end to end through papermill with very small settings."""
 
 import json
-from pathlib import Path
 
 import nbformat
-import papermill
 import pytest
 import torch
 
@@ -12,22 +10,16 @@ from starling_lib.reward_model import load_reward_model, reward_model_dir
 
 pytestmark = pytest.mark.slow
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "03_kwise_reward_training.ipynb"
+STEM = "03_kwise_reward_training"
 SMALL = {"max_prompts": 60, "k": 4, "steps": 4, "batch_size": 2, "micro_batch_size": 2, "max_length": 64,
          "eval_every": 2, "baseline_steps": 2, "benchmark_limit": 6, "theory_trials": 1, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(tmp_path_factory, run_notebook):
     tmp = tmp_path_factory.mktemp("nb03")
-    with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this environment
-        # Busy-waiting OpenMP threads collapse when other jobs share the cores; passive waiting does not.
-        mp.setenv("OMP_WAIT_POLICY", "PASSIVE")
-        papermill.execute_notebook(str(NOTEBOOK), str(tmp / "03.ipynb"), cwd=str(NOTEBOOK.parent),
-                                   kernel_name="python3", progress_bar=False,
-                                   parameters={"run_dir": str(tmp / "run"), **SMALL})
-    out = tmp / "run" / "03_kwise_reward_training"
-    return tmp, out, json.loads((out / "metrics.json").read_text())
+    out, metrics = run_notebook(STEM, tmp, SMALL)
+    return tmp, out, metrics
 
 
 def test_metrics(executed):
@@ -54,5 +46,5 @@ def test_figures_and_the_saved_reward_model(executed):
     assert rm.max_length == 64 and json.loads((model_dir / "reward_model.json").read_text())["backbone"] == "tiny"
     rewards = rm.score(["Name a fruit."] * 2, ["Apple.", "I will not answer that."])
     assert rewards.shape == (2,) and torch.isfinite(rewards).all()
-    executed_nb = nbformat.read(tmp / "03.ipynb", as_version=4)
+    executed_nb = nbformat.read(tmp / f"{STEM}.ipynb", as_version=4)
     assert not any(o.get("output_type") == "error" for c in executed_nb.cells for o in c.get("outputs", []))

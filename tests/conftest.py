@@ -1,0 +1,37 @@
+"""Shared test plumbing: executing a notebook end to end through papermill."""
+
+import json
+import os
+from pathlib import Path
+
+import papermill
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@pytest.fixture(scope="session")
+def run_notebook():
+    """run_notebook(stem, tmp, parameters, env={}) -> (stage folder, its metrics.json as a dict).
+
+    Executes notebooks/<stem>.ipynb into tmp/<stem>.ipynb with run_dir = tmp/run. `env` is set for
+    the kernel (which inherits this process's environment) and restored afterwards.
+    """
+    def run(stem: str, tmp: Path, parameters: dict, env: dict | None = None):
+        # Busy-waiting OpenMP threads collapse when other jobs share the cores; passive waiting does not.
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            papermill.execute_notebook(str(NOTEBOOKS / f"{stem}.ipynb"), str(tmp / f"{stem}.ipynb"),
+                                       cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False,
+                                       parameters={"run_dir": str(tmp / "run"), **parameters})
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        out = tmp / "run" / stem
+        return out, json.loads((out / "metrics.json").read_text())
+    return run
