@@ -500,6 +500,23 @@ def eval_settings(cfg: PolicyTrainConfig) -> dict[str, Any]:
 # the trainer
 
 
+def check_not_fsdp(accelerator) -> None:
+    """Refuse FSDP for policy tuning, with the reason, before a 7B model is loaded.
+
+    Rollouts and evaluation call the policy's inner causal LM (`model.generate`, or the sampler),
+    outside the forward of the wrapping SharedTrunkPolicy. Under FSDP the embeddings, final norm
+    and lm_head belong to that root unit and stay sharded there, so the first rollout would fail
+    with "mixed torch.Tensor and DTensor". DDP needs no sharding here: with 4 of 32 layers trained,
+    a 7B policy, its reference layers and the optimizer state fit on one 80 GB GPU per process.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("policy tuning does not run under FSDP (rollouts call the inner model, whose "
+                         "embeddings and lm_head the root FSDP unit keeps sharded); launch it with "
+                         "configs/accelerate/ddp.yaml")
+
+
 def _make_accelerator(cfg: PolicyTrainConfig):
     from accelerate import Accelerator
 
@@ -508,6 +525,7 @@ def _make_accelerator(cfg: PolicyTrainConfig):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg))
+    check_not_fsdp(accelerator)
     n, unit = accelerator.num_processes, cfg.samples_per_prompt
     if cfg.rollouts_per_step % (n * unit) or cfg.minibatch_size % (n * unit):
         raise ValueError(f"rollouts_per_step={cfg.rollouts_per_step} and minibatch_size={cfg.minibatch_size} must "

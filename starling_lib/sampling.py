@@ -11,14 +11,15 @@ concatenation (O(T^2) copying over a response). This loop does only what a rollo
              attention over the filled part of the cache; sample from softmax(logits / T)
              (optionally top-k / top-p); rows that emitted a stop token are padded from then on
 
-It calls the model's own modules (embeddings, norms, projections, rotary embedding, MLP, lm_head),
-so weights, dtypes, autocast and rope scaling are the model's; only the attention call and the
-cache are ours. Greedy decoding gives exactly the tokens of `model.generate` (tested).
+It calls the model's own modules (embeddings, norm weights, projections, rotary embedding, MLP,
+lm_head), so weights, dtypes, autocast and rope scaling are the model's; the attention call, the
+rotation by cos/sin (the same arithmetic as the family's `apply_rotary_pos_emb`) and the cache are
+ours. Greedy decoding gives exactly the tokens of `model.generate` (tested).
 
 Scope: decoder-only models of the Llama family (`model.model.layers[i].self_attn.{q,k,v,o}_proj`,
-`apply_rotary_pos_emb` in their modelling module) with sdpa or eager attention and no sliding
-window shorter than the sequence. `supports_fast_sampling` says whether a model qualifies;
-`rollout.generate` falls back to `model.generate` when it does not.
+half-split rotary embedding) with sdpa or eager attention, no sliding window shorter than the
+sequence, and parameters not sharded by FSDP or ZeRO-3. `supports_fast_sampling` says whether a
+model qualifies; `rollout.generate` falls back to `model.generate` when it does not.
 
 Departures from `generate`: sampling defaults to the full softmax (top_k=0, top_p=1), not the
 generation config's top_k=50, because the RL losses score responses under the full distribution;
@@ -27,8 +28,6 @@ seed (their distribution does not).
 """
 
 from __future__ import annotations
-
-import importlib
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +44,24 @@ def supports_fast_sampling(model, total_length: int = 0) -> bool:
         return False
     if hasattr(model, "peft_config") or not hasattr(getattr(model, "model", None), "layers"):
         return False   # adapters wrap the projections in ways this loop does not call
+    if is_sharded(model):
+        return False
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and total_length > window:
         return False
     return True
+
+
+def is_sharded(model) -> bool:
+    """Whether FSDP (1 or 2) or DeepSpeed ZeRO-3 shards `model`'s parameters.
+
+    They gather a block's weights in hooks around the wrapped module's forward; this loop calls a
+    block's projections and reads its norm weights directly, so it would see the shards (FSDP2:
+    "mixed torch.Tensor and DTensor"). `model.generate` runs the wrapped modules, so it works.
+    """
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        return True
+    return any(hasattr(p, "ds_id") or type(p).__name__ in ("DTensor", "FlatParameter") for p in model.parameters())
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -70,8 +83,23 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, H, Q, D) by cos, sin_signed (B, 1, Q, D).
+
+    The family's `x * cos + rotate_half(x) * sin`, with rotate_half(x) = [-x2, x1]: that equals
+    x.roll(D / 2) * [-sin1, sin2] bit for bit, one kernel (roll) instead of three (neg, cat, slices).
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+def _sign_sin(sin: torch.Tensor) -> torch.Tensor:
+    """[sin1, sin2] -> [-sin1, sin2] over the last dimension, for `_rotate`."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], -1)
+
+
 def _attention(q, k, v, mask, scaling: float, eager: bool) -> torch.Tensor:
-    """q (B, H, Q, D), k and v (B, KV, S, D), mask (B, 1, Q, S) bool -> (B, Q, H * D)."""
+    """q (B, H, Q, D), k and v (B, KV, S, D), mask (B, 1, Q, S) additive float -> (B, Q, H * D)."""
     groups = q.shape[1] // k.shape[1]
     if eager or groups == 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -95,13 +123,14 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     if not supports_fast_sampling(model, T):
         raise ValueError(f"{type(model).__name__} is not supported by sampling.sample; use model.generate")
     config, body = model.config, model.model
-    rotary = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
     eager = config._attn_implementation == "eager"
     device = input_ids.device
     stops = torch.tensor(stop_ids, device=device)
 
-    key_valid = torch.zeros(B, T, dtype=torch.bool, device=device)              # which cache slots hold tokens
-    key_valid[:, :P] = attention_mask.bool()
+    # Which cache slots hold tokens, as the additive mask sdpa takes (0 or -inf): built once, not
+    # converted from a bool mask by every layer's attention call at every step.
+    key_bias = torch.full((B, T), float("-inf"), device=device)
+    key_bias[:, :P].masked_fill_(attention_mask.bool(), 0.0)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)              # (B, P) as generate counts
     next_position = positions[:, -1:] + 1                                        # (B, 1)
     caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -112,8 +141,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
         return module.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon).to(x.dtype)
 
-    def forward(ids: torch.Tensor, cos_sin: tuple, start: int, mask: torch.Tensor) -> torch.Tensor:
-        """ids (B, Q) at cache slots start..start+Q-1 -> last position's logits (B, V), float32."""
+    def forward(ids: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, start: int,
+                mask: torch.Tensor) -> torch.Tensor:
+        """ids (B, Q) at cache slots start..start+Q-1, cos and sin_signed (B, 1, Q, D), mask (B, 1, Q, S)
+        -> last position's logits (B, V), float32."""
         h = body.embed_tokens(ids)
         Q = ids.shape[1]
         for i, layer in enumerate(body.layers):
@@ -123,11 +154,12 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             k = attn.k_proj(x).view(B, Q, -1, attn.head_dim)
             v = attn.v_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)                # (B, KV, Q, D)
             # Rotate queries and keys in one call: (B, H + KV, Q, D).
-            qk, _ = rotary.apply_rotary_pos_emb(torch.cat([q, k], 2).transpose(1, 2), v[:, :0], *cos_sin)
+            qk = _rotate(torch.cat([q, k], 2).transpose(1, 2), cos, sin_signed)
             q, k = qk[:, :q.shape[2]], qk[:, q.shape[2]:]                                  # (B, H, Q, D), (B, KV, Q, D)
             if len(caches) <= i:   # allocated at prefill, in the dtype autocast gave the keys
                 caches.append((k.new_zeros(B, k.shape[1], T, attn.head_dim), v.new_zeros(B, v.shape[1], T, attn.head_dim)))
             k_cache, v_cache = caches[i]
+            mask = mask.to(q.dtype)   # sdpa wants the query's dtype under autocast; once, then a no-op
             k_cache[:, :, start:start + Q] = k
             v_cache[:, :, start:start + Q] = v
             end = start + Q
@@ -138,11 +170,14 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
 
     # Prefill. A pad query sees only itself, so no row of the mask is empty (an empty row is NaN).
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    mask = (causal & key_valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+    allowed = (causal & (key_bias[:, None, :P] == 0)) | torch.eye(P, dtype=torch.bool, device=device)
+    mask = torch.zeros(B, 1, P, P, device=device).masked_fill_(~allowed.unsqueeze(1), float("-inf"))
     h0 = body.embed_tokens(input_ids[:, :1])   # only for the rotary embedding's dtype and device
-    logits = forward(input_ids, body.rotary_emb(h0, positions), 0, mask.unsqueeze(1))
+    cos, sin = body.rotary_emb(h0, positions)                                       # (B, P, D)
+    logits = forward(input_ids, cos.unsqueeze(1), _sign_sin(sin).unsqueeze(1), 0, mask)
     # cos/sin of every decoding step's position at once, not one small call per token.
     cos, sin = body.rotary_emb(h0, next_position + torch.arange(max_new_tokens, device=device))   # (B, R, D)
+    cos, sin_signed = cos.unsqueeze(1), _sign_sin(sin).unsqueeze(1)                   # (B, 1, R, D)
 
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -166,7 +201,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         done |= torch.isin(token, stops)
         if t == max_new_tokens - 1 or bool(done.all()):
             break
-        key_valid[:, P + t] = True
-        logits = forward(token.unsqueeze(1), (cos[:, t:t + 1], sin[:, t:t + 1]), P + t,
-                         key_valid[:, None, None, :P + t + 1])
+        key_bias[:, P + t] = 0.0
+        logits = forward(token.unsqueeze(1), cos[:, :, t:t + 1], sin_signed[:, :, t:t + 1], P + t,
+                         key_bias[:, None, None, :P + t + 1])
     return torch.cat([input_ids, out[:, :steps]], dim=1)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from starling_lib.models import load_model_and_tokenizer, tiny_model_path
-from starling_lib.policy import (PolicyTrainConfig, PolicyTrainResult, evaluate_policy, frontier_frame, history_frame,
-                                 load_config, load_or_train_reward_model, load_prompts, main, normalize_scores,
-                                 optimizer_steps_per_step, reward_gain, step_prompts, train_policy)
+from starling_lib.policy import (PolicyTrainConfig, PolicyTrainResult, check_not_fsdp, evaluate_policy, frontier_frame,
+                                 history_frame, load_config, load_or_train_reward_model, load_prompts, main,
+                                 normalize_scores, optimizer_steps_per_step, reward_gain, step_prompts, train_policy)
 from starling_lib.reward_model import build_reward_model, load_reward_model, save_reward_model
 from starling_lib.rollout import SharedTrunkPolicy
 
@@ -164,6 +164,17 @@ def test_step_prompts_pairs_for_p3o_and_shares_per_process(tiny_cfg):
     two = step_prompts(3, prompts, tiny_cfg, rank=0, num_processes=2) + step_prompts(3, prompts, tiny_cfg, 1, 2)
     assert two == apa
     assert step_prompts(4, prompts, tiny_cfg) != apa
+
+
+def test_fsdp_is_refused_with_the_reason_and_ddp_is_not():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    with pytest.raises(ValueError, match="ddp.yaml"):
+        check_not_fsdp(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.DEEPSPEED):
+        check_not_fsdp(SimpleNamespace(distributed_type=kind))
 
 
 def test_normalize_scores():

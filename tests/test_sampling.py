@@ -102,3 +102,38 @@ def test_sampling_never_picks_a_filtered_token(tiny):
     greedy = sample(model, ids, mask, 12, [tok.eos_token_id], tok.pad_token_id, do_sample=False)
     torch.manual_seed(0)
     assert torch.equal(sample(model, ids, mask, 12, [tok.eos_token_id], tok.pad_token_id, top_k=1), greedy)
+
+
+FSDP2_SCRIPT = """
+import os, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from starling_lib.models import load_model_and_tokenizer
+from starling_lib.rollout import generate
+from starling_lib.sampling import supports_fast_sampling
+dist.init_process_group("gloo", rank=0, world_size=1)
+model, tok = load_model_and_tokenizer("tiny", device="cpu", num_hidden_layers=2)
+assert supports_fast_sampling(model)
+for layer in model.model.layers:   # as accelerate's TRANSFORMER_BASED_WRAP shards it
+    fully_shard(layer)
+fully_shard(model)
+assert not supports_fast_sampling(model)
+batch = generate(model.eval(), tok, [[{"role": "user", "content": "hi"}]], max_new_tokens=4)
+assert batch.input_ids.shape[1] > batch.response_start
+print("OK")
+dist.destroy_process_group()
+"""
+
+
+def test_auto_engine_falls_back_to_generate_under_fsdp2(tmp_path):
+    """FSDP2 gathers a block's weights around the block's forward, which the fast loop bypasses."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:   # a free port for the one-process gloo group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    out = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
