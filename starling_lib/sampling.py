@@ -101,11 +101,12 @@ def _sign_sin(sin: torch.Tensor) -> torch.Tensor:
 def _attention(q, k, v, mask, scaling: float, eager: bool) -> torch.Tensor:
     """q (B, H, Q, D), k and v (B, KV, S, D), mask (B, 1, Q, S) additive float -> (B, Q, H * D)."""
     groups = q.shape[1] // k.shape[1]
-    if eager or groups == 1:
+    if eager:   # the arithmetic of transformers' eager_attention_forward, so bf16 rounds as it does there
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        scores = torch.matmul(q, k.transpose(2, 3)) * scaling + mask                      # (B, H, Q, S)
+        out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 

@@ -39,6 +39,24 @@ def test_greedy_tokens_equal_generate(tiny, attn):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_tokens_equal_generate_in_the_policys_mixed_precision(tiny, attn):
+    """As policy._load_policy holds the 7B: frozen layers in bf16, the trained top layers in float32,
+    run under bf16 autocast. bf16 rounds coarsely, so any difference in arithmetic shows as tokens."""
+    model, tok = tiny
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    for layer in model.model.layers[2:]:
+        layer.float()
+    model.config._attn_implementation = attn
+    for seed in range(3):
+        ids, mask = left_padded(tok, seed=seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                                 eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+            ours = sample(model, ids, mask, 20, [tok.eos_token_id], tok.pad_token_id, do_sample=False)
+        assert torch.equal(ours, ref), seed
+
+
 def test_rows_after_their_stop_token_are_padded_and_the_loop_ends_when_all_stopped(tiny):
     model, tok = tiny
     model = copy.deepcopy(model)
