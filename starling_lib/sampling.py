@@ -11,10 +11,14 @@ concatenation (O(T^2) copying over a response). This loop does only what a rollo
              attention over the filled part of the cache; sample from softmax(logits / T)
              (optionally top-k / top-p); rows that emitted a stop token are padded from then on
 
-It calls the model's own modules (embeddings, norm weights, projections, rotary embedding, MLP,
-lm_head), so weights, dtypes, autocast and rope scaling are the model's; the attention call, the
-rotation by cos/sin (the same arithmetic as the family's `apply_rotary_pos_emb`) and the cache are
-ours. Greedy decoding gives exactly the tokens of `model.generate` (tested).
+It runs on the model's own weights and modules (embeddings, rotary embedding, lm_head; norms,
+projections and MLP with the same arithmetic as the family's modules: plain nn.Linear layers go
+through F.linear on their weights, hooked or quantised ones through their forward), so weights,
+dtypes, autocast and rope scaling are the model's; the attention call, the rotation by cos/sin
+(the arithmetic of the family's `apply_rotary_pos_emb`) and the cache are ours. Greedy decoding
+gives exactly the tokens of `model.generate`, in float32 and in the policy's bf16 mixed precision
+(tested). A decoding step of the tiny model is ~100 small kernels, so what it saves is mostly
+per-call work: no module dispatch, one mask for all layers, one rotary call per layer.
 
 Scope: decoder-only models of the Llama family (`model.model.layers[i].self_attn.{q,k,v,o}_proj`,
 half-split rotary embedding) with sdpa or eager attention, no sliding window shorter than the
@@ -98,6 +102,22 @@ def _sign_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([-sin[..., :half], sin[..., half:]], -1)
 
 
+def _direct(module):
+    """`module` as a plain function: F.linear on its weights when it is exactly an nn.Linear that
+    nothing hooks (skipping nn.Module.__call__, a few microseconds each, 29 times per token on the
+    tiny model), else the module itself: quantised layers, forward hooks and accelerate's
+    offloading hooks (`_hf_hook`, a replaced `forward`) keep their own forward."""
+    from torch.nn.modules import module as module_globals
+
+    plain = (type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+             and not hasattr(module, "_hf_hook") and "forward" not in vars(module)
+             and not (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks))
+    if plain:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module
+
+
 def _attention(q, k, v, mask, scaling: float, eager: bool) -> torch.Tensor:
     """q (B, H, Q, D), k and v (B, KV, S, D), mask (B, 1, Q, S) additive float -> (B, Q, H * D)."""
     groups = q.shape[1] // k.shape[1]
@@ -142,31 +162,40 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
         return module.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon).to(x.dtype)
 
+    # Per layer, once: the norms and functions the step calls (attribute lookups through
+    # nn.Module.__getattr__ are Python work too, repeated per layer and token).
+    plan = []
+    for layer in body.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        plan.append((layer.input_layernorm, _direct(attn.q_proj), _direct(attn.k_proj), _direct(attn.v_proj),
+                     _direct(attn.o_proj), layer.post_attention_layernorm, _direct(mlp.gate_proj),
+                     _direct(mlp.up_proj), mlp.act_fn, _direct(mlp.down_proj), attn.head_dim, attn.scaling))
+
     def forward(ids: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, start: int,
                 mask: torch.Tensor) -> torch.Tensor:
         """ids (B, Q) at cache slots start..start+Q-1, cos and sin_signed (B, 1, Q, D), mask (B, 1, Q, S)
         -> last position's logits (B, V), float32."""
         h = body.embed_tokens(ids)
         Q = ids.shape[1]
-        for i, layer in enumerate(body.layers):
-            attn = layer.self_attn
-            x = norm(layer.input_layernorm, h)
-            q = attn.q_proj(x).view(B, Q, -1, attn.head_dim)
-            k = attn.k_proj(x).view(B, Q, -1, attn.head_dim)
-            v = attn.v_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)                # (B, KV, Q, D)
+        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, act, down, D, scaling) in enumerate(plan):
+            x = norm(norm1, h)
+            q = q_proj(x).view(B, Q, -1, D)
+            k = k_proj(x).view(B, Q, -1, D)
+            v = v_proj(x).view(B, Q, -1, D).transpose(1, 2)                                   # (B, KV, Q, D)
             # Rotate queries and keys in one call: (B, H + KV, Q, D).
             qk = _rotate(torch.cat([q, k], 2).transpose(1, 2), cos, sin_signed)
             q, k = qk[:, :q.shape[2]], qk[:, q.shape[2]:]                                  # (B, H, Q, D), (B, KV, Q, D)
             if len(caches) <= i:   # allocated at prefill, in the dtype autocast gave the keys
-                caches.append((k.new_zeros(B, k.shape[1], T, attn.head_dim), v.new_zeros(B, v.shape[1], T, attn.head_dim)))
+                caches.append((k.new_zeros(B, k.shape[1], T, D), v.new_zeros(B, v.shape[1], T, D)))
             k_cache, v_cache = caches[i]
             mask = mask.to(q.dtype)   # sdpa wants the query's dtype under autocast; once, then a no-op
             k_cache[:, :, start:start + Q] = k
             v_cache[:, :, start:start + Q] = v
             end = start + Q
-            a = _attention(q, k_cache[:, :, :end], v_cache[:, :, :end], mask, attn.scaling, eager)
-            h = h + attn.o_proj(a)
-            h = h + layer.mlp(norm(layer.post_attention_layernorm, h))
+            a = _attention(q, k_cache[:, :, :end], v_cache[:, :, :end], mask, scaling, eager)
+            h = h + o_proj(a)
+            x = norm(norm2, h)
+            h = h + down(act(gate(x)) * up(x))   # the Llama-family MLP
         return model.lm_head(norm(body.norm, h[:, -1])).float()
 
     # Prefill. A pad query sees only itself, so no row of the mask is empty (an empty row is NaN).

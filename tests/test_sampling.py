@@ -155,3 +155,18 @@ def test_auto_engine_falls_back_to_generate_under_fsdp2(tmp_path):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     out = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+def test_hooked_projections_are_called_through_their_modules(tiny):
+    """The loop calls F.linear directly only on plain nn.Linear layers; a hooked one keeps its forward."""
+    model, tok = tiny
+    ids, mask = left_padded(tok)
+    plain = sample(model, ids, mask, 5, [], tok.pad_token_id, do_sample=False)
+    calls = []
+    handle = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, args, out: calls.append(out.shape))
+    try:
+        hooked = sample(model, ids, mask, 5, [], tok.pad_token_id, do_sample=False)
+    finally:
+        handle.remove()
+    assert torch.equal(hooked, plain)
+    assert len(calls) == 5   # the prefill and 4 decoding steps (the 5th token needs no forward)
