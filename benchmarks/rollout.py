@@ -6,8 +6,9 @@ wins by stopping early). Engines:
 
     hf-generate         model.generate with its default dynamic KV cache
     hf-generate-static  model.generate(cache_implementation="static"): transformers' preallocated cache
-    starling-sampler    sampling.sample: preallocated cache, fused RMSNorm, one rotary call per layer,
-                        inverse-CDF sampling (what rollout.generate uses for Llama/Mistral/Qwen2)
+    starling-sampler    sampling.sample: preallocated cache, projections through F.linear, one additive
+                        mask per step, one rotary call per layer, inverse-CDF sampling (what
+                        rollout.generate uses for Llama/Mistral/Qwen2)
     vllm                vLLM's offline engine on the same prompt ids (on a GPU, when vllm is installed)
 
 Target (issue 7): at least 2x plain `generate` (8 prompts x 64 tokens with the tiny model).
