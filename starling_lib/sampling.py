@@ -133,11 +133,17 @@ def _attention(q, k, v, mask, scaling: float, eager: bool) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            stop_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           do_sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+           do_sample: bool = True, generator: torch.Generator | None = None,
+           stop_check_every: int = 0) -> torch.Tensor:
     """Prompt ids followed by up to `max_new_tokens` new ones, as `model.generate` returns them.
 
     input_ids, attention_mask: (B, P) left-padded prompts. Returns (B, P + R), R <= max_new_tokens
     (shorter when every row stopped early); after a row's stop token come `pad_id`s.
+    stop_check_every: ask whether every row has stopped every this many tokens; 0: every token on
+    a CPU, every 16 elsewhere. The answer is a copy to the host, which on a GPU waits for every
+    kernel launched so far, so asking each token would keep the host from queueing the next
+    step's kernels while the GPU runs this one. The output is the same either way; a rarer check
+    only runs up to stop_check_every - 1 needless steps after the last row stops.
     """
     B, P = input_ids.shape
     T = P + max_new_tokens
@@ -209,6 +215,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     cos, sin = body.rotary_emb(h0, next_position + torch.arange(max_new_tokens, device=device))   # (B, R, D)
     cos, sin_signed = cos.unsqueeze(1), _sign_sin(sin).unsqueeze(1)                   # (B, 1, R, D)
 
+    check_every = stop_check_every or (1 if device.type == "cpu" else 16)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = 0
@@ -229,9 +236,13 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         out[:, t] = token
         steps = t + 1
         done |= torch.isin(token, stops)
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             break
         key_bias[:, P + t] = 0.0
         logits = forward(token.unsqueeze(1), cos[:, :, t:t + 1], sin_signed[:, :, t:t + 1], P + t,
                          key_bias[:, None, None, :P + t + 1])
+    if steps and check_every > 1:   # cut the needless steps: end where the last row stopped
+        is_stop = torch.isin(out[:, :steps], stops)
+        stopped_at = torch.where(is_stop.any(-1), is_stop.int().argmax(-1), steps - 1)   # (B,) first stop
+        steps = int(stopped_at.max()) + 1
     return torch.cat([input_ids, out[:, :steps]], dim=1)

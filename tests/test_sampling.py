@@ -71,6 +71,31 @@ def test_rows_after_their_stop_token_are_padded_and_the_loop_ends_when_all_stopp
     assert (out[:, -1] == tok.eos_token_id).all()
 
 
+def test_checking_for_stopped_rows_less_often_gives_the_same_output(tiny):
+    """As on a GPU (a check every 16 tokens): rows that stop at different steps, cut where the last stopped."""
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    ids, mask = left_padded(tok, n=6)
+    stops = stop_token_ids(tok)
+
+    def likely_stop(module, args, logits):   # the stop token about one time in ten
+        return logits.index_add(-1, torch.tensor([tok.eos_token_id]), torch.full_like(logits[..., :1], 6.0))
+
+    model.lm_head.register_forward_hook(likely_stop)
+    lengths = set()
+    for seed in range(4):
+        every_token = sample(model, ids, mask, 40, stops, tok.pad_token_id,
+                             generator=torch.Generator().manual_seed(seed))
+        rarely = sample(model, ids, mask, 40, stops, tok.pad_token_id,
+                        generator=torch.Generator().manual_seed(seed), stop_check_every=16)
+        assert torch.equal(rarely, every_token)
+        response = every_token[:, ids.shape[1]:]
+        stopped_at = [row.tolist().index(tok.eos_token_id) for row in response if tok.eos_token_id in row]
+        lengths.add(response.shape[1])
+        assert len(set(stopped_at)) > 1   # rows stopped at different steps
+    assert any(n < 40 and n % 16 for n in lengths)   # a run ended between two checks: the cut mattered
+
+
 def test_sampling_follows_the_softmax(tiny):
     """Frequencies of the first sampled token match softmax(logits / T) of a plain forward."""
     model, tok = tiny
