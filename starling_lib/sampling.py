@@ -111,8 +111,8 @@ def _direct(module):
 
     plain = (type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
              and not hasattr(module, "_hf_hook") and "forward" not in vars(module)
-             and not (getattr(module_globals, "_global_forward_hooks", None)
-                      or getattr(module_globals, "_global_forward_pre_hooks", None)))
+             and not (getattr(module_globals, "_global_forward_hooks", True)
+                      or getattr(module_globals, "_global_forward_pre_hooks", True)))
     if plain:
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
