@@ -271,14 +271,19 @@ class RewardModel(nn.Module):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    use_cache=False).last_hidden_state                 # (R, L, H)
             b_last_hidden = hidden[read[:, 0], read[:, 1]]                            # (N, H)
-            return self.head(b_last_hidden).squeeze(-1)
+            return self._rewards(b_last_hidden)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                use_cache=False).last_hidden_state                     # (N, T, H)
         # Index of the last 1 in the mask: works for right and left padding alike.
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (positions * attention_mask).argmax(-1)                                # (N,)
         b_last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
-        return self.head(b_last_hidden).squeeze(-1)
+        return self._rewards(b_last_hidden)
+
+    def _rewards(self, b_last_hidden: torch.Tensor) -> torch.Tensor:
+        # A fresh tensor, not squeeze's view: FSDP2 warns that an in-place op on a view returned by
+        # a wrapped module would skip its pre-backward hook.
+        return self.head(b_last_hidden).squeeze(-1).clone()                          # (N,)
 
     @property
     def device(self) -> torch.device:

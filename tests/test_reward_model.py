@@ -249,3 +249,51 @@ def test_gradient_checkpointing_does_not_backprop_through_frozen_layers():
     model(ids, mask).sum().backward()
     assert set(reached) == {len(blocks) - 1}
     assert blocks[-1].mlp.down_proj.weight.grad is not None
+
+
+FSDP2_PACKED_SCRIPT = """
+import copy, warnings, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from starling_lib.reward_model import build_reward_model, chat_texts, encode_chats, pack_shared_prompts, transformer_blocks
+dist.init_process_group("gloo", rank=0, world_size=1)
+rm, tok = build_reward_model("tiny", max_length=64)
+texts = [chat_texts(p, a) for p, answers in [("Say hi", ["hi", "hello there", "no"]),
+                                             ("Count to three", ["1 2 3", "one two three four"])] for a in answers]
+seqs, prompt_lengths = encode_chats(tok, [t[0] for t in texts], [t[1] for t in texts], 64, return_prompt_lengths=True)
+b = pack_shared_prompts(seqs, prompt_lengths, 64, tok.pad_token_id)
+assert b["input_ids"].shape[0] < len(seqs)   # packed: fewer rows than sequences
+args = (b["input_ids"], b["attention_mask"], b["position_ids"], b["read"])
+ref = rm(*args)
+ref.sum().backward()
+sharded = copy.deepcopy(rm)
+sharded.zero_grad(set_to_none=True)
+for block in transformer_blocks(sharded.backbone):   # as accelerate's TRANSFORMER_BASED_WRAP shards it
+    fully_shard(block)
+fully_shard(sharded)
+with warnings.catch_warnings():
+    warnings.simplefilter("error")   # e.g. FSDP2's warning about a returned view
+    out = sharded(*args)
+out.sum().backward()
+assert torch.allclose(out, ref, atol=1e-5), (out, ref)
+g, g_ref = sharded.head.weight.grad.full_tensor(), rm.head.weight.grad
+assert torch.allclose(g, g_ref, atol=1e-5), (g, g_ref)
+print("OK")
+dist.destroy_process_group()
+"""
+
+
+def test_packed_layout_under_fsdp2_matches_the_unsharded_model():
+    """FSDP (configs/accelerate/fsdp.yaml) shards each block: the 4-D packed mask and position ids
+    must pass through its hooks. One gloo process, so sharded and unsharded compute the same."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    out = subprocess.run([sys.executable, "-c", FSDP2_PACKED_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
