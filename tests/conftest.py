@@ -1,7 +1,11 @@
-"""Shared test plumbing: executing a notebook end to end through papermill."""
+"""Shared test plumbing: executing a notebook end to end through papermill; a script in a
+one-process torch.distributed group."""
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import papermill
@@ -34,4 +38,18 @@ def run_notebook():
                     os.environ[k] = v
         out = tmp / "run" / stem
         return out, json.loads((out / "metrics.json").read_text())
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_distributed_script():
+    """run_distributed_script(code) -> subprocess.CompletedProcess of `python -c code`, with
+    MASTER_ADDR / MASTER_PORT set to a free local port for the script's own one-process gloo group
+    (in a subprocess, so this process's torch.distributed state is left alone)."""
+    def run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     return run

@@ -282,18 +282,8 @@ dist.destroy_process_group()
 """
 
 
-def test_packed_layout_under_fsdp2_matches_the_unsharded_model():
+def test_packed_layout_under_fsdp2_matches_the_unsharded_model(run_distributed_script):
     """FSDP (configs/accelerate/fsdp.yaml) shards each block: the 4-D packed mask and position ids
     must pass through its hooks. One gloo process, so sharded and unsharded compute the same."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    out = subprocess.run([sys.executable, "-c", FSDP2_PACKED_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = run_distributed_script(FSDP2_PACKED_SCRIPT)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -167,18 +167,9 @@ dist.destroy_process_group()
 """
 
 
-def test_auto_engine_falls_back_to_generate_under_fsdp2(tmp_path):
+def test_auto_engine_falls_back_to_generate_under_fsdp2(run_distributed_script):
     """FSDP2 gathers a block's weights around the block's forward, which the fast loop bypasses."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:   # a free port for the one-process gloo group
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    out = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    out = run_distributed_script(FSDP2_SCRIPT)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
 
 
