@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as module_globals   # torch's global forward-hook registries
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -107,8 +108,6 @@ def _direct(module):
     nothing hooks (skipping nn.Module.__call__, a few microseconds each, 29 times per token on the
     tiny model), else the module itself: quantised layers, forward hooks and accelerate's
     offloading hooks (`_hf_hook`, a replaced `forward`) keep their own forward."""
-    from torch.nn.modules import module as module_globals
-
     plain = (type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
              and not hasattr(module, "_hf_hook") and "forward" not in vars(module)
              and not (getattr(module_globals, "_global_forward_hooks", True)
