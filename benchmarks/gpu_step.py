@@ -72,7 +72,8 @@ from transformers import AutoModelForCausalLM, MistralConfig
 
 import benchmarks.common as common
 from starling_lib.losses import apa_loss, gae, plackett_luce_loss, ppo_value_loss
-from starling_lib.reward_model import RewardModel, freeze_backbone
+from starling_lib.models import train_top_layers
+from starling_lib.reward_model import RewardModel
 from starling_lib.rollout import SharedTrunkPolicy, per_token_rewards
 from starling_lib.sampling import sample
 
@@ -207,7 +208,7 @@ def bench_reward_model(args, device, dtype, autocast, peak: float) -> dict:
     torch.manual_seed(0)
     model = build_model(args, device, dtype)
     body = model.model                                       # the MistralModel: RewardModel's backbone
-    freeze_backbone(body, args.trainable_layers)             # top n blocks + the final norm train
+    train_top_layers(body, args.trainable_layers, final_norm=True)       # top n blocks + the final norm train
     for layer in body.layers[-args.trainable_layers:]:
         layer.float()                                        # float32 master weights for AdamW
     body.norm.float()

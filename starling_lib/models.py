@@ -252,12 +252,7 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | str | No
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)  # "bfloat16", as written in a papermill yaml
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = OPENCHAT_TEMPLATE
-    if tokenizer.pad_token is None:
-        # Generation and batching need some pad id; eos is the common choice for base models.
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    tokenizer = setup_tokenizer(AutoTokenizer.from_pretrained(name_or_path))
 
     # device_map loads the weights straight onto the device instead of through CPU RAM (7B in bf16
     # is 14 GB); a single device keeps it an ordinary model, not a dispatched/offloaded one.
@@ -265,3 +260,72 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | str | No
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate()'s warning
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# model plumbing every stage shares: tokenizer set-up, decoder blocks, freezing, positions
+
+
+def setup_tokenizer(tokenizer):
+    """Give a tokenizer what every stage relies on: a chat template (OpenChat-3.5 when the
+    checkpoint ships none) and a pad token (its eos, else unk, when it has none). Returns it."""
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = OPENCHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        # Generation and batching need some pad id; eos is the common choice for base models.
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a hub id or folder (or "tiny"), set up as `load_model_and_tokenizer` does."""
+    from transformers import AutoTokenizer
+
+    if name_or_path == "tiny":
+        name_or_path = str(tiny_model_path())
+    return setup_tokenizer(AutoTokenizer.from_pretrained(name_or_path))
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM or of its body: `model.layers` in Llama/Mistral/Qwen
+    (`model.model.layers` from the causal LM), `h` in GPT-2, ...: the ModuleList with
+    `config.num_hidden_layers` entries."""
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return layers
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and (n is None or len(module) == n):
+            return module
+    raise TypeError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def train_top_layers(model: torch.nn.Module, num_layers: int, final_norm: bool = False) -> None:
+    """Freeze `model` except its top `num_layers` decoder blocks (Starling's "last 4 layers unfrozen").
+
+    -1 leaves every parameter as it is (full fine-tuning, or LoRA's own freezing); 0 freezes
+    every block. `final_norm`: also train the norm between the
+    top block and the head (the reward model does; a policy whose lm_head and final norm are
+    shared with its frozen reference does not).
+    """
+    if num_layers < 0:
+        return
+    layers = decoder_layers(model)
+    if num_layers > len(layers):
+        raise ValueError(f"cannot train the top {num_layers} layers: the model has {len(layers)}")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - num_layers:]:
+        layer.requires_grad_(True)
+    if final_norm and num_layers > 0:
+        in_blocks = {id(p) for p in layers.parameters()}
+        for name, module in model.named_modules():
+            if "norm" in type(module).__name__.lower() or name.split(".")[-1] in {"norm", "ln_f", "final_layernorm"}:
+                for p in module.parameters(recurse=False):
+                    if id(p) not in in_blocks:
+                        p.requires_grad_(True)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted over real tokens only, as `generate` counts them in a left-padded batch."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -54,7 +54,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from starling_lib.runs import CREDENTIAL_NAME, CREDENTIAL_VALUE, REPO_ROOT, git_commit
+from starling_lib.runs import CREDENTIAL_NAME, CREDENTIAL_VALUE, REPO_ROOT, git_commit, parse_sets, read_yaml
 
 OUTPUTS_DIR = REPO_ROOT / "papermill_runs" / "outputs"
 KERNEL = "python3"
@@ -73,40 +73,13 @@ class PipelineError(Exception):
     """A bad config or a failed notebook; the message says which and why."""
 
 
-# --------------------------------------------------------------------------------------------
-# YAML: PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string; a learning rate written that
-# way would reach a notebook as "1e-5". Read floats the YAML 1.2 way.
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def parse_value(text: str) -> Any:
-    """A `--set` value as YAML: `10` -> 10, `1e-5` -> 1e-05, `true` -> True, `cpu` -> 'cpu'."""
-    return yaml.load(text, Loader=_Loader) if text.strip() else ""
-
-
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
-    """`["steps=10", "device=cpu"]` -> `{"steps": 10, "device": "cpu"}`."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise PipelineError(f"--set {item!r}: expected key=value with key a parameter name")
-        out[key] = parse_value(value)
-    return out
+    """`["steps=10", "lr=1e-5", "device=cpu"]` -> `{"steps": 10, "lr": 1e-05, "device": "cpu"}`:
+    `runs.parse_sets`, the one `--set` reader, with its errors as PipelineError."""
+    try:
+        return parse_sets(items)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +142,7 @@ def load_config(config_path: str | os.PathLike, overrides: Mapping[str, Any] | N
     if not path.is_file():
         raise PipelineError(f"{where}: no such file")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        raw = read_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise PipelineError(f"{where}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from starling_lib.data import END_OF_TURN, format_chat
+from starling_lib.models import load_tokenizer, tiny_model_path, train_top_layers
 
 REWARD_MODEL_FORMAT = 1
 STAGE = "03_kwise_reward_training"   # the notebook's folder in a run: notebook 04 looks there
@@ -346,7 +347,6 @@ def resolve_backbone(name_or_path: str) -> str:
     A path-like name that does not exist is an error here rather than a confusing hub lookup.
     """
     if name_or_path == "tiny":
-        from starling_lib.models import tiny_model_path
         return str(tiny_model_path())
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -357,41 +357,6 @@ def resolve_backbone(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
         raise FileNotFoundError(f"backbone {name_or_path!r}: no such folder (and not a hub id like 'org/name')")
     return name_or_path
-
-
-def transformer_blocks(backbone: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks of a body (`layers` in Llama/Mistral, `h` in GPT-2, ...)."""
-    n = getattr(getattr(backbone, "config", None), "num_hidden_layers", None)
-    candidates = [m for _, m in backbone.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    for m in candidates:
-        if n is None or len(m) == n:
-            return m
-    raise ValueError(f"cannot find the transformer blocks of {type(backbone).__name__}")
-
-
-def freeze_backbone(backbone: nn.Module, unfrozen_layers: int) -> None:
-    """Train only the top `unfrozen_layers` blocks and what follows them (final norm); -1 trains all.
-
-    Embeddings and lower blocks are frozen. 0 freezes the whole body (only the head learns).
-    """
-    if unfrozen_layers < 0:
-        return
-    blocks = transformer_blocks(backbone)
-    if unfrozen_layers > len(blocks):
-        raise ValueError(f"unfrozen_layers={unfrozen_layers} but the backbone has {len(blocks)} blocks")
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    for block in list(blocks)[len(blocks) - unfrozen_layers:]:
-        for p in block.parameters():
-            p.requires_grad_(True)
-    if unfrozen_layers > 0:
-        # The final norm sits between the top block and the head: it belongs to the trained top.
-        in_blocks = {id(p) for p in blocks.parameters()}
-        for name, module in backbone.named_modules():
-            if "norm" in type(module).__name__.lower() or name.split(".")[-1] in {"norm", "ln_f", "final_layernorm"}:
-                for p in module.parameters(recurse=False):
-                    if id(p) not in in_blocks:
-                        p.requires_grad_(True)
 
 
 def add_lora(backbone: nn.Module, r: int, alpha: int, dropout: float = 0.0) -> nn.Module:
@@ -413,20 +378,6 @@ def quiet_transformers():
         yield
     finally:
         hf_logging.set_verbosity(level)
-
-
-def load_tokenizer(path: str):
-    """The backbone's tokenizer with a chat template and a pad token (as `models` sets them up)."""
-    from transformers import AutoTokenizer
-
-    from starling_lib.data import OPENCHAT_TEMPLATE
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = OPENCHAT_TEMPLATE
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    return tokenizer
 
 
 def build_reward_model(backbone: str = "tiny", *, max_length: int = 1024, unfrozen_layers: int = -1,
@@ -468,7 +419,7 @@ def build_reward_model(backbone: str = "tiny", *, max_length: int = 1024, unfroz
             raise ValueError("choose LoRA (lora_r > 0) or unfrozen_layers >= 0, not both")
         model.backbone = add_lora(body, lora_r, lora_alpha)
     else:
-        freeze_backbone(body, unfrozen_layers)
+        train_top_layers(body, unfrozen_layers, final_norm=True)
     if gradient_checkpointing:
         enable = getattr(body, "activation_checkpointing_enable", None)   # transformers >= 5.23's name
         if enable is not None:

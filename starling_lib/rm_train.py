@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -60,6 +59,7 @@ import torch
 
 from starling_lib import reward_model as rmod
 from starling_lib.losses import pairwise_split_loss, plackett_luce_loss
+from starling_lib.models import load_tokenizer, train_top_layers
 from starling_lib.rm_eval import pair_accuracy, ranking_metrics
 from starling_lib.training import lr_lambda, mixed_precision, resume_point, save_checkpoint
 
@@ -522,7 +522,7 @@ def train_pairwise_baseline(cfg: RMTrainConfig, output_dir: str | os.PathLike) -
 
     split = load_rankings(cfg)
     path = rmod.resolve_backbone(cfg.backbone)
-    tokenizer = rmod.load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     train = pairs_dataset(split["train"], tokenizer, cfg.k, cfg.max_length, cfg.seed)
     pairs_per_step = cfg.batch_size * cfg.k * (cfg.k - 1) // 2
     pairs_per_micro = max(1, cfg.micro_batch_size * cfg.k // 2)
@@ -540,7 +540,7 @@ def train_pairwise_baseline(cfg: RMTrainConfig, output_dir: str | os.PathLike) -
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
                                  modules_to_save=["score"], task_type="SEQ_CLS")
     else:
-        rmod.freeze_backbone(getattr(model, model.base_model_prefix), cfg.unfrozen_layers)
+        train_top_layers(getattr(model, model.base_model_prefix), cfg.unfrozen_layers, final_norm=True)
 
     precision = mixed_precision(cfg)
     args = RewardConfig(
@@ -584,20 +584,9 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m starling_lib.rm_train", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="YAML file of RMTrainConfig fields, e.g. configs/rm/tiny_cpu.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    result = train_reward_model(cfg)
-    if result.history and int(os.environ.get("RANK", "0")) == 0:
-        last = result.history[-1]
-        print(json.dumps({"steps": cfg.steps, "wall_s": round(result.wall_s, 2), **result.extra, **last}, sort_keys=True))
-        if cfg.output_dir:
-            (Path(cfg.output_dir) / "history.json").write_text(json.dumps(result.history, indent=1) + "\n")
-    return 0
+    from starling_lib.training import config_main
+    return config_main(RMTrainConfig, train_reward_model, argv, prog="python -m starling_lib.rm_train",
+                       description=__doc__.split("\n")[0], example="configs/rm/tiny_cpu.yaml")
 
 
 if __name__ == "__main__":

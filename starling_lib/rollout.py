@@ -31,20 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from starling_lib.chat import stop_token_ids
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Llama/Mistral-style causal LM (`model.model.layers`)."""
-    try:
-        return model.model.layers
-    except AttributeError:
-        raise TypeError(f"{type(model).__name__} has no `model.layers`; SharedTrunkPolicy supports "
-                        "Llama/Mistral/Qwen-style causal LMs") from None
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, as `generate` does for left-padded batches."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+from starling_lib.models import decoder_layers, position_ids_from_mask, train_top_layers
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -73,9 +60,7 @@ class SharedTrunkPolicy(nn.Module):
             raise ValueError(f"num_trainable_layers must be in 1..{len(layers)}, got {num_trainable_layers}")
         self.model = model
         self.split = len(layers) - num_trainable_layers          # index of the first trainable layer
-        model.requires_grad_(False)
-        for layer in layers[self.split:]:
-            layer.requires_grad_(True)
+        train_top_layers(model, num_trainable_layers)   # embeddings, lower layers, final norm, lm_head frozen
         self.ref_layers = copy.deepcopy(layers[self.split:]).requires_grad_(False).eval()
         hidden = model.config.hidden_size
         self.value_head = nn.Linear(hidden, 1) if value_head else None

@@ -26,6 +26,13 @@ from typing import Any, Callable, Mapping
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INTERACTIVE_RUN_DIR = REPO_ROOT / "papermill_runs" / "outputs" / "interactive"
 
+# Each notebook's folder in a run (its stem): where it writes and where later stages look.
+NECTAR_STAGE = "01_nectar_exploration"
+BIAS_STAGE = "02_positional_bias"
+RM_STAGE = "03_kwise_reward_training"      # notebook 04 finds the reward model in RM_STAGE/reward_model
+POLICY_STAGE = "04_policy_tuning"          # notebook 05 finds the tuned policies in POLICY_STAGE/policies
+EVAL_STAGE = "05_mt_bench_evaluation"
+
 # Metrics files, configs and notebooks get shared: never let a credential into them. Names are
 # matched as whole words, so `hf_token` and `openai_api_key` are refused but `max_new_tokens` and
 # `tokenizer` are not. The pipeline uses the same patterns for run configs.
@@ -151,45 +158,119 @@ def build_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
+# --------------------------------------------------------------------------------------------
+# settings from text: `--set key=value`, YAML files
+
+
+def _yaml_loader():
+    """PyYAML's safe loader with YAML 1.2 floats: PyYAML follows YAML 1.1, where `1e-5` (no dot)
+    is a string, so a learning rate written that way would arrive as "1e-5"."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                        |[-+]?\.(?:inf|Inf|INF)
+                        |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text as Python values, floats read the YAML 1.2 way (`1e-5` is a float)."""
+    import yaml
+    return yaml.load(text, Loader=_yaml_loader())
+
+
+def parse_setting(text: str, text_field: bool = False) -> Any:
+    """One `--set` value: `10` -> 10, `1e-5` -> 1e-05, `true` -> True, `cpu` -> 'cpu', `` -> ''.
+
+    text_field: the setting is text, so the value stays as typed (YAML would read `no` as False
+    and `1.0` as a float; `mixed_precision=no` and `policy=1.0` mean text there).
+    """
+    if text_field or not text.strip():
+        return text
+    return read_yaml(text)
+
+
+def parse_sets(items, text_fields=()) -> dict[str, Any]:
+    """`["steps=10", "device=cpu"]` -> `{"steps": 10, "device": "cpu"}` (see parse_setting)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--set {item!r}: expected key=value with key a setting's name")
+        out[key] = parse_setting(raw, key in text_fields)
+    return out
+
+
 def load_dataclass_config(cls, path: str | os.PathLike | None, overrides=()):
     """A trainer config dataclass from a YAML file of its fields plus `key=value` overrides.
 
     Unknown keys are errors (with a "did you mean"); values are checked against the field's
-    default type. A text field keeps `--set` text as text (YAML would read `mixed_precision=no`
-    as False), and a float field accepts PyYAML's string reading of `1e-5`.
+    default type; `--set` values are read by `parse_sets` (text fields stay text).
     """
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    if path is not None:
+        values = read_yaml(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    values.update(parse_sets(overrides, [n for n, f in fields.items() if isinstance(f.default, str)]))
+    return cls(**{k: coerce_setting(cls, k, v) for k, v in values.items()})
+
+
+def coerce_setting(cls, name: str, value: Any) -> Any:
+    """`value` for the field `name` of the dataclass `cls`, checked against the type of its default
+    (an int is accepted for a float; text is never coerced); an unknown name is an error with a
+    "did you mean"."""
     import dataclasses
     import difflib
 
-    import yaml
-
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=1)
+        raise ValueError(f"unknown setting {name!r} of {cls.__name__}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    kind = type(fields[name].default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"setting {name!r} must be {kind.__name__}, got {value!r}")
+    return value
 
-    def coerce(name: str, value: Any) -> Any:
-        if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
-            raise ValueError(f"unknown setting {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-        kind = type(fields[name].default)
-        if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return float(value)
-        if kind is bool and isinstance(value, str) and value.lower() in {"true", "false"}:
-            return value.lower() == "true"
-        if kind is int and isinstance(value, str) and value.lstrip("-").isdigit():
-            return int(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise TypeError(f"setting {name!r} must be {kind.__name__}, got {value!r}")
-        return value
 
-    values = {}
-    if path is not None:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key = key.strip()
-        is_text = key in fields and isinstance(fields[key].default, str)
-        values[key] = raw if is_text else yaml.safe_load(raw)
-    return cls(**{k: coerce(k, v) for k, v in values.items()})
+# --------------------------------------------------------------------------------------------
+# notebooks: the parameters cell -> recorded parameters and a trainer config
+
+
+def notebook_params(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The notebook's parameters with their values in this run: `notebook_params(globals())`.
+
+    The parameters cell is the one cell whose assignments carry type annotations (`steps: int = 30`),
+    so its names are those in the namespace's `__annotations__`; the values are the current ones,
+    papermill's injected overrides included. These are what `write_metrics` records.
+    """
+    names = namespace.get("__annotations__", {})
+    if not names:
+        raise ValueError("no annotated parameters found: the parameters cell declares them as `name: type = value`")
+    return {name: namespace[name] for name in names if name in namespace}
+
+
+def config_from_params(cls, params: Mapping[str, Any], **overrides):
+    """A config dataclass from a notebook's parameters: every parameter that names one of its
+    fields, then `overrides` (settings the notebook computes, such as output_dir)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in params.items() if k in fields}
+    values.update(overrides)
+    return cls(**{k: coerce_setting(cls, k, v) for k, v in values.items()})

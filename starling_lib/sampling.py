@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as module_globals   # torch's global forward-hook registries
 
+from starling_lib.models import position_ids_from_mask
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -158,7 +160,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     # converted from a bool mask by every layer's attention call at every step.
     key_bias = torch.full((B, T), float("-inf"), device=device)
     key_bias[:, :P].masked_fill_(attention_mask.bool(), 0.0)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)              # (B, P) as generate counts
+    positions = position_ids_from_mask(attention_mask)                             # (B, P) as generate counts
     next_position = positions[:, -1:] + 1                                        # (B, 1)
     caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 

@@ -254,7 +254,8 @@ def test_gradient_checkpointing_does_not_backprop_through_frozen_layers():
 FSDP2_PACKED_SCRIPT = """
 import copy, warnings, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from starling_lib.reward_model import build_reward_model, chat_texts, encode_chats, pack_shared_prompts, transformer_blocks
+from starling_lib.models import decoder_layers
+from starling_lib.reward_model import build_reward_model, chat_texts, encode_chats, pack_shared_prompts
 dist.init_process_group("gloo", rank=0, world_size=1)
 rm, tok = build_reward_model("tiny", max_length=64)
 texts = [chat_texts(p, a) for p, answers in [("Say hi", ["hi", "hello there", "no"]),
@@ -267,7 +268,7 @@ ref = rm(*args)
 ref.sum().backward()
 sharded = copy.deepcopy(rm)
 sharded.zero_grad(set_to_none=True)
-for block in transformer_blocks(sharded.backbone):   # as accelerate's TRANSFORMER_BASED_WRAP shards it
+for block in decoder_layers(sharded.backbone):   # as accelerate's TRANSFORMER_BASED_WRAP shards it
     fully_shard(block)
 fully_shard(sharded)
 with warnings.catch_warnings():

@@ -196,7 +196,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(straight, tmp_
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["num_processes"] == 2 and summary["grad_accum_steps"] == 1
 
-    two_history = json.loads((tmp_path / "two" / "history.json").read_text())
+    two_history = json.loads((tmp_path / "two" / "history.json").read_text())["history"]
     assert [h["rm/loss"] for h in two_history] == pytest.approx([h["rm/loss"] for h in straight.history], rel=1e-4)
     assert two_history[1]["rm/heldout_pair_accuracy"] == pytest.approx(straight.history[1]["rm/heldout_pair_accuracy"])
     a = load_file(str(straight.model_dir / "model.safetensors"))

@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 
-from starling_lib.models import count_parameters, load_model_and_tokenizer
-from starling_lib.rollout import (SharedTrunkPolicy, generate, logprobs_from_logits, per_token_rewards,
-                                  position_ids_from_mask)
+from starling_lib.models import count_parameters, load_model_and_tokenizer, position_ids_from_mask
+from starling_lib.rollout import SharedTrunkPolicy, generate, logprobs_from_logits, per_token_rewards
 
 PROMPTS = [[{"role": "user", "content": "Hello"}],
            [{"role": "user", "content": "Can you tell me the functions of the Federal Reserve?"}],
