@@ -151,8 +151,9 @@ def build_shared_reward_model(backbone: Path, out_dir: Path):
     """(sequence-classification model for TRL, folder of the same weights as our RewardModel)."""
     from transformers import AutoModelForSequenceClassification
 
-    from starling_lib.models import load_tokenizer
-    from starling_lib.reward_model import RewardModel, quiet_transformers, save_reward_model
+    from starling_lib.models import load_tokenizer, quiet_transformers
+    from starling_lib.reward_model import RewardModel
+    from starling_lib.rm_io import save_reward_model
 
     tokenizer = load_tokenizer(str(backbone))
     with torch.random.fork_rng(devices=[]), quiet_transformers():

@@ -10,7 +10,7 @@ Two steps are timed:
   each (`sampling.sample`, the project's rollout sampler; `--engine hf` for `generate`); a no-grad forward of `rollout.SharedTrunkPolicy` for the reference
   log-probs and values; GAE; then one optimizer step over the batch, accumulated over
   micro-batches of `--micro-batch`, on the APA loss + 0.1 x the clipped value loss (as
-  `policy.method_loss` does). Generation, the no-grad forward and the update are timed apart.
+  `policy.methods` does). Generation, the no-grad forward and the update are timed apart.
 
 For each: median step time of `--repeat` steps after one warm-up step (CUDA synchronised), tokens
 per second, model FLOPs utilisation (MFU) and peak memory (`torch.cuda.max_memory_allocated`; on a
@@ -38,7 +38,7 @@ Not counted: embeddings, norms, softmax, the scalar heads, the optimizer, and re
 APA MFU is over the update only (forward + backward + AdamW), since generation is memory-bound
 decoding and is reported as time and tokens/s instead.
 
-Precision, as `policy._load_policy` does it: frozen weights in bf16, the trainable layers (and the
+Precision, as `policy.online.load_policy` does it: frozen weights in bf16, the trainable layers (and the
 reward model's final norm and head, and the value head) in float32 as the optimizer's master
 weights, forward under bf16 autocast. AdamW (torch's default implementation) keeps float32 states.
 float32 throughout on a CPU.
@@ -261,7 +261,7 @@ def bench_apa(args, device, dtype, autocast, peak: float) -> dict:
     model = build_model(args, device, dtype)
     policy = SharedTrunkPolicy(model, num_trainable_layers=args.trainable_layers)   # ref = frozen copy of the top n
     for layer in model.model.layers[policy.split:]:
-        layer.float()                                        # float32 master weights, as policy._load_policy does
+        layer.float()                                        # float32 master weights, as policy.online.load_policy does
     if args.grad_ckpt:
         enable_grad_ckpt(model)
     params = policy.trainable_parameters()                   # top n layers + value head

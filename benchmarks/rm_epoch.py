@@ -8,7 +8,7 @@ test prompt. Three runs:
 
     kwise-padded   starling_lib.rm_train, each prompt + answer padded to the micro-batch's longest
     kwise-packed   the same loss with each prompt encoded once for its answers and the sequences
-                   packed into rows (RMTrainConfig.packing; reward_model.pack_shared_prompts)
+                   packed into rows (RMTrainConfig.packing; rm_layout.pack_shared_prompts)
     trl-pairwise   TRL RewardTrainer on the pairs (rm_train.train_pairwise_baseline): each answer
                    is encoded K-1 = 6 times per epoch
 

@@ -1,15 +1,16 @@
 """starling_lib: the library behind the Starling-7B (RLAIF) reproduction notebooks.
 
-Modules, in the order the notebooks use them:
-  data          Nectar loading, validation and conversions; the OpenChat-3.5 chat format
-  models        causal LMs and tokenizers by hub id or path; the offline "tiny" model
+Modules, in the order the notebooks use them (README.md's layout has a line for each; imports
+run from the shared plumbing to the stages, never back):
+  runs, data, models, losses, training   shared plumbing: run folders and settings, Nectar,
+                models and their layers, pure tensor losses, what every trainer shares
   explore       tables behind notebook 01 (Nectar statistics)
-  bias, judge   GPT-4's positional bias (notebook 02); the 7-wise ranking judge (API or simulated)
-  losses        pure tensor losses: Plackett-Luce, Bradley-Terry, APA, PPO, P3O, DPO, GAE
-  reward_model, rm_train, rm_eval   the K-wise reward model, its trainer and evaluation (notebook 03)
-  rollout, sft  sampling and log-probs for online RL with a shared-trunk reference; warm-up SFT (notebook 04)
-  chat, mtbench, alpaca   chatting in the Starling format; MT-Bench and AlpacaEval (notebook 05)
-  runs          run folders, metrics.json, figures, seeds
+  llm_client, jsonl_cache   the OpenAI-compatible chat client; the JSONL cache of paid judgments
+  bias, judge, simulated_judge   GPT-4's positional bias (notebook 02); the 7-wise ranking judge
+  rm_layout, reward_model, rm_io, rm_eval, rm_train, rm_report   the K-wise reward model (notebook 03)
+  chat, sampling, rollout, sft   chat formats; rollouts with a shared-trunk reference; the warm-up SFT
+  policy        stage 04 as a package: APA, PPO, P3O online and DPO offline (notebook 04)
+  mtbench, alpaca   MT-Bench and AlpacaEval (notebook 05)
   pipeline      papermill runner for papermill_runs/*.yaml
 """
 

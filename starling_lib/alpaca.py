@@ -52,7 +52,9 @@ from scipy.special import expit, log_expit
 
 from starling_lib import chat
 from starling_lib.data import bundled_path
-from starling_lib.mtbench import JsonlCache, _sha, render_judge_prompt
+from starling_lib.jsonl_cache import JsonlCache, content_hash
+from starling_lib.llm_client import ChatClient, ClientConfig, RequestError
+from starling_lib.mtbench import LocalJudge, render_judge_prompt, start_reply
 
 BUNDLED_OUTPUTS = {
     "gpt4_1106_preview": "gpt4_1106_preview_model_outputs.json",  # AlpacaEval 2.0 reference
@@ -167,8 +169,7 @@ class LocalPairwiseJudge:
         self.id = f"local:{name}:likelihood"
 
     def prefer(self, system: str, user: str) -> float:
-        prompt = render_judge_prompt(self.tokenizer, system, user)
-        prompt += " " if prompt.endswith(":") else ""
+        prompt = start_reply(render_judge_prompt(self.tokenizer, system, user))
         logp_m, logp_M = chat.continuation_logprobs(self.model, self.tokenizer, prompt, ["m", "M"]).tolist()
         return float(2 - expit(logp_m - logp_M))  # P(m) / (P(m) + P(M)) = sigmoid(logp_m - logp_M)
 
@@ -178,23 +179,21 @@ class ApiPairwiseJudge:
 
     Reads the reply's first character ("m": 1, "M": 2, else NaN): the discrete preference of
     AlpacaEval's non-weighted annotators. The weighted annotator's logprobs are not used, because
-    the shared client (starling_lib.judge.OpenAIJudge) returns only the reply text.
+    the shared client (llm_client.ChatClient) returns only the reply text. `client`: by default one
+    from the environment, as mtbench.ApiJudge's, at temperature 0 with 1 output token.
     """
 
-    def __init__(self, model: str | None = None, client=None):
+    def __init__(self, model: str | None = None, client: ChatClient | None = None):
         if client is None:
-            from starling_lib.judge import JudgeConfig, OpenAIJudge
-            overrides = {"model": model} if model else {}
-            client = OpenAIJudge(JudgeConfig.from_env(temperature=0.0, max_tokens=1, **overrides))
+            client = ChatClient(ClientConfig.from_env(model, temperature=0.0, max_tokens=1))
         self.client = client
         self.id = f"api:{client.config.model}"
 
     def prefer(self, system: str, user: str) -> float:
-        from starling_lib.judge import JudgeRequestError
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         try:
             text = self.client.complete_messages(messages).text.strip()
-        except JudgeRequestError:
+        except RequestError:
             return float("nan")
         return {"m": 1.0, "M": 2.0}.get(text[:1], float("nan"))
 
@@ -219,7 +218,7 @@ def annotate(instructions: Sequence[str], model_outputs: Sequence[str], baseline
     for i in tqdm(range(len(instructions)), desc=f"AlpacaEval {model_name}", disable=not progress):
         first, second = (model_outputs[i], baseline_outputs[i]) if swapped[i] else (baseline_outputs[i], model_outputs[i])
         system, user = judge_prompt(instructions[i], first, second, max_chars)
-        sha = _sha(system, user)
+        sha = content_hash(system, user)
         hit = cache.get(model_name, i, judge.id) if cache is not None else None
         if hit is not None and hit["prompt_sha"] == sha:
             shown = hit["shown_preference"]
@@ -355,6 +354,13 @@ def summary_metrics(summary: pd.DataFrame, prefix: str = "eval/alpaca_eval") -> 
     return out
 
 
+def eval_metrics(summary: pd.DataFrame, baseline: str, instructions: Sequence[str]) -> dict:
+    """Notebook 05's AlpacaEval metrics: `summary_metrics`, the baseline's name and the number of
+    instructions judged."""
+    return {**summary_metrics(summary), "eval/alpaca_eval/baseline": baseline,
+            "eval/alpaca_eval/num_instructions": len(instructions)}
+
+
 def comparison_table(summary: pd.DataFrame, published: Sequence[str] = ("Starling-LM-7B-alpha",)) -> pd.DataFrame:
     """Long table model, metric ("win rate" / "LC win rate"), value, source: this run and the leaderboard.
 
@@ -373,7 +379,6 @@ def comparison_table(summary: pd.DataFrame, published: Sequence[str] = ("Starlin
 def pairwise_judge_for(mt_judge):
     """The AlpacaEval judge matching an MT-Bench judge: the same local model (likelihood of m / M),
     or the same API model asked for a one-token answer."""
-    from starling_lib.mtbench import LocalJudge
     if isinstance(mt_judge, LocalJudge):
         return LocalPairwiseJudge(mt_judge.model, mt_judge.tokenizer, mt_judge.name)
     return ApiPairwiseJudge(model=mt_judge.client.config.model)

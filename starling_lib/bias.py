@@ -27,6 +27,8 @@ the answers are shuffled before display. The statistics:
   * one summary number per run: the total-variation distance from uniform,
     TV = 1/2 sum_i |p_i - 1/K|, and its null distribution for the run's size (a finite run of
     an unbiased judge still has TV > 0: about 0.07 for 190 prompts and K = 7).
+Label quality against a known truth is Kendall's tau (`kendall_tau_a`, the project's one Kendall
+tau, which rm_eval uses too); `bias_metrics` assembles notebook 02's metrics.json entries.
 
 Departures from the Starling blog: the bootstrap intervals, the tests, TV, the rank matrix and the
 display-order statistics are this project's additions to the blog's top-position bars. The authors'
@@ -228,6 +230,21 @@ def tv_null(n: int, k: int, n_sim: int = 5000, seed: int = 0) -> np.ndarray:
     return 0.5 * np.abs(shares - 1.0 / k).sum(axis=1)
 
 
+def kendall_tau_a(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-a of two scorings of the same items (higher = better in both).
+
+    (concordant - discordant pairs) / all K(K-1)/2 pairs; a pair tied in either scoring counts as
+    neither, so ties pull tau towards 0. The one Kendall tau of the project: `kendall_tau` (two
+    rankings) and rm_eval (rewards against GPT-4's order) both count pairs here.
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.ndim != 1 or x.shape != y.shape or len(x) < 2:
+        raise ValueError(f"kendall_tau_a needs two scorings of the same 2 or more items, "
+                         f"got shapes {x.shape} and {y.shape}")
+    i, j = np.triu_indices(len(x), 1)
+    return float((np.sign(x[i] - x[j]) * np.sign(y[i] - y[j])).sum() / len(i))
+
+
 def kendall_tau(order: Sequence[int], reference: Sequence[int]) -> float:
     """Kendall's tau between two rankings of the same items, each listed best first.
 
@@ -235,16 +252,9 @@ def kendall_tau(order: Sequence[int], reference: Sequence[int]) -> float:
     """
     if sorted(order) != sorted(reference) or len(set(order)) != len(order):
         raise ValueError(f"rankings {list(order)} and {list(reference)} are not of the same items")
-    pos_a = {item: i for i, item in enumerate(order)}
-    pos_b = {item: i for i, item in enumerate(reference)}
-    items = list(order)
-    s = 0
-    for i in range(len(items)):
-        for j in range(i + 1, len(items)):
-            a, b = items[i], items[j]
-            s += np.sign(pos_a[a] - pos_a[b]) * np.sign(pos_b[a] - pos_b[b])
-    k = len(items)
-    return float(s / (k * (k - 1) / 2))
+    place = {item: i for i, item in enumerate(reference)}
+    # Score each item by minus its place, in `order` (the items listed in that order) and in `reference`.
+    return kendall_tau_a(-np.arange(len(order)), [-place[item] for item in order])
 
 
 def reference_agreement(records: Sequence[Mapping]) -> float:
@@ -318,6 +328,48 @@ def summary_table(summaries: Mapping[str, Mapping], labels: Mapping[str, str] | 
                      "rank_equals_position": s["rank_equals_position"],
                      "display_order_kept": s["display_order_kept"]})
     return pd.DataFrame(rows).sort_values("tv_distance", ascending=False).set_index("run")
+
+
+# The per-run statistics of `bias_summary` that notebook 02 records in metrics.json.
+METRIC_KEYS = ("tv_distance", "tv_null_q95", "chi2", "chi2_p_value", "num_ratings", "winner_mean_position",
+               "rank_equals_position", "display_order_kept")
+LIVE_METRIC_KEYS = ("tv_distance", "chi2_p_value", "num_ratings", "num_unparsed")
+
+
+def bias_metrics(summaries: Mapping[str, Mapping], sim_summaries: Mapping[tuple[str, str], Mapping],
+                 sim_runs: Mapping[tuple[str, str], Sequence[Mapping]], num_sim_prompts: int,
+                 live_summary: Mapping | None = None, live_report: Any = None) -> dict:
+    """Notebook 02's metrics.json entries, all under `bias/`.
+
+    summaries: `bias_summary` of each bundled run, by variant. sim_summaries and sim_runs: the
+    simulated judge's summaries and rating runs by (judge, variant), judge "biased" or "unbiased";
+    num_sim_prompts: the prompts each simulated run rated. live_summary and live_report (the
+    judge.RatingReport of the live run): None when there was no live run.
+    """
+    table = summary_table(summaries)
+    metrics: dict[str, Any] = {
+        "bias/top_position": {name: s["top_position"] for name, s in summaries.items()},
+        "bias/top_position_ci_low": {name: s["ci_low"] for name, s in summaries.items()},
+        "bias/top_position_ci_high": {name: s["ci_high"] for name, s in summaries.items()},
+        "bias/most_biased": table.index[0],
+        "bias/least_biased": table.index[-1],
+        "bias/sim/num_prompts": num_sim_prompts,
+        "bias/sim/top_position": {variant: s["top_position"] for (who, variant), s in sim_summaries.items()
+                                  if who == "biased"},
+    }
+    for name, s in summaries.items():
+        metrics.update({f"bias/{name}/{key}": s[key] for key in METRIC_KEYS})
+    for (who, variant), s in sim_summaries.items():
+        metrics[f"bias/sim/{who}/{variant}/tv_distance"] = s["tv_distance"]
+        metrics[f"bias/sim/{who}/{variant}/num_unparsed"] = s["num_unparsed"]
+    for (who, variant), run in sim_runs.items():
+        metrics[f"bias/sim/{who}/{variant}/kendall_tau"] = reference_agreement(run)
+    if live_summary is not None:
+        metrics.update({f"bias/live/{key}": live_summary[key] for key in LIVE_METRIC_KEYS})
+        metrics.update({"bias/live/top_position": live_summary["top_position"], "bias/live/judge": live_report.judge,
+                        "bias/live/prompt_tokens": live_report.prompt_tokens,
+                        "bias/live/completion_tokens": live_report.completion_tokens})
+    return metrics
 
 
 def top_position_frame(summaries: Mapping[str, Mapping], labels: Mapping[str, str] | None = None):

@@ -1,7 +1,8 @@
 """Tables behind notebook 01: what Nectar contains and what GPT-4's rankings reward.
 
 Each function takes a Nectar `datasets.Dataset` (from `data.load_nectar`) or the per-answer frame
-built from it and returns a pandas object; the notebook only plots and reads them.
+built from it and returns a pandas object or a dict; the notebook only plots and reads them, and
+records `nectar_metrics` in its metrics.json.
 """
 
 from __future__ import annotations
@@ -92,3 +93,21 @@ def count_table(values, name: str) -> pd.DataFrame:
     """Counts and shares of a categorical column, most common first."""
     s = pd.Series(list(values), name=name).value_counts()
     return pd.DataFrame({"count": s, "share": s / s.sum()})
+
+
+def nectar_metrics(summary: dict, bias: dict, report, split, models: pd.DataFrame) -> dict:
+    """The metrics of notebook 01, keys `nectar/...`.
+
+    summary: `overview`; bias: `length_bias`; report: the `data.LoadReport` of the load;
+    split: `data.split_by_prompt` of the prompts; models: `model_rank_table`.
+    """
+    return {
+        **{f"nectar/{k}": v for k, v in summary.items()},
+        **{f"nectar/{k}": v for k, v in bias.items()},
+        "nectar/num_records_read": report.num_read,
+        "nectar/num_records_dropped": sum(report.dropped.values()),
+        "nectar/num_train_prompts": len(split["train"]),
+        "nectar/num_test_prompts": len(split["test"]),
+        "nectar/best_model_by_mean_rank": models["mean_rank"].idxmin(),
+        "nectar/mean_rank_by_model": models["mean_rank"].round(4).to_dict(),
+    }

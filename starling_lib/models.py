@@ -21,6 +21,7 @@ because training collators (reward model, DPO) expect right padding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -264,6 +265,19 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | str | No
 
 # --------------------------------------------------------------------------------------------
 # model plumbing every stage shares: tokenizer set-up, decoder blocks, freezing, positions
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load report while we load a body without its LM head on purpose (or a head we replace)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def setup_tokenizer(tokenizer):

@@ -13,17 +13,17 @@ bundled questions, GPT-4 reference answers and judge prompts (bundled/PROVENANCE
 
 Judges (all answer `rate(prompts) -> list[Rating]`, each Rating saying which `mode` made it):
   * `ApiJudge`: any OpenAI-compatible endpoint (GPT-4, a local vLLM server) through
-    `starling_lib.judge.OpenAIJudge` (retries, key from the environment only), temperature 0, 2048
-    tokens, as FastChat. Mode "generate".
+    `llm_client.ChatClient` (retries, key from the environment only), temperature 0, 2048 tokens,
+    as FastChat. Mode "generate".
   * `LocalJudge`: a Hugging Face causal LM prompted with the same judge prompts. Mode "generate"
     (write a judgment, parse it) or "likelihood": after the judge prompt and `Rating: [[`, read the
     model's probabilities of the continuations "1]]" ... "10]]", renormalise over the ten and report
     the expected rating, as G-Eval (Liu et al., 2023, arXiv:2303.16634) does. Every answer gets a
     number, which a small local judge, that rarely writes a parsable `[[N]]`, would not give.
 
-Answers and judgments are cached as JSONL (`JsonlCache`) keyed by (model, question, turn) and
-(model, question, turn, judge), so an interrupted evaluation resumes without regenerating or
-re-judging. A cached answer is reused only if it was generated with the same settings and model
+Answers and judgments are cached as JSONL (`jsonl_cache.JsonlCache`) keyed by (model, question,
+turn) and (model, question, turn, judge), so an interrupted evaluation resumes without
+regenerating or re-judging. A cached answer is reused only if it was generated with the same settings and model
 weights (and, for turn 2, after the same first answer); a cached judgment only if the judge prompt
 (which holds the answers) is unchanged.
 
@@ -41,11 +41,9 @@ Departures from FastChat:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -55,6 +53,8 @@ import pandas as pd
 
 from starling_lib import chat
 from starling_lib.data import bundled_path
+from starling_lib.jsonl_cache import JsonlCache, content_hash
+from starling_lib.llm_client import ChatClient, ClientConfig, RequestError
 
 CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
 # FastChat's temperature_config: sampled for creative categories, near-greedy for knowledge, greedy else.
@@ -191,20 +191,18 @@ class Rating:
 
 
 class ApiJudge:
-    """A judge behind an OpenAI-compatible endpoint (GPT-4 for MT-Bench), via judge.OpenAIJudge.
+    """A judge behind an OpenAI-compatible endpoint (GPT-4 for MT-Bench), via llm_client.ChatClient.
 
-    `client`: an `OpenAIJudge`; by default one from the environment (STARLING_JUDGE_BASE_URL,
-    STARLING_JUDGE_MODEL or `model`, STARLING_JUDGE_API_KEY / OPENAI_API_KEY), at temperature 0
+    `client`: a `ChatClient`; by default one from the environment (STARLING_JUDGE_BASE_URL,
+    `model` or STARLING_JUDGE_MODEL, STARLING_JUDGE_API_KEY / OPENAI_API_KEY), at temperature 0
     with 2048 output tokens, FastChat's settings.
     """
 
     mode = "generate"
 
-    def __init__(self, model: str | None = None, client=None):
+    def __init__(self, model: str | None = None, client: ChatClient | None = None):
         if client is None:
-            from starling_lib.judge import JudgeConfig, OpenAIJudge
-            overrides = {"model": model} if model else {}
-            client = OpenAIJudge(JudgeConfig.from_env(temperature=0.0, max_tokens=2048, **overrides))
+            client = ChatClient(ClientConfig.from_env(model, temperature=0.0, max_tokens=2048))
         self.client = client
         self.id = f"api:{client.config.model}"
 
@@ -214,13 +212,12 @@ class ApiJudge:
     def rate(self, prompts: Sequence[tuple[str, str]], progress: bool = False) -> list[Rating]:
         from tqdm import tqdm
 
-        from starling_lib.judge import JudgeRequestError
         out = []
         for system, user in tqdm(prompts, desc="judging", disable=not progress):
             messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
             try:
                 text = self.client.complete_messages(messages).text
-            except JudgeRequestError as e:
+            except RequestError as e:
                 out.append(Rating(-1.0, self.mode, error=str(e)))
                 continue
             out.append(Rating(parse_rating(text), self.mode, text=text))
@@ -231,15 +228,19 @@ def render_judge_prompt(tokenizer, system: str, user: str) -> str:
     """A judge prompt in a local judge's chat template, ready for the judge's reply.
 
     The OpenChat template has no system role, so the system prompt goes first in the user turn.
+    Shared by the local judges of MT-Bench (`LocalJudge`) and AlpacaEval (alpaca.LocalPairwiseJudge).
     """
     content = f"{system.rstrip()}\n\n{user}" if system.strip() else user
     return chat.render(tokenizer, [{"role": "user", "content": content}])
 
 
-def _answer_start(prompt: str) -> str:
-    # OpenChat's "...Assistant:" is followed by a space before the reply; templates that end in a
-    # newline (Llama-3, ChatML) are not.
-    return " " if prompt.endswith(":") else ""
+def start_reply(prompt: str, text: str = "") -> str:
+    """`prompt` followed by the start of the reply: `text` after the separator the template wants.
+
+    OpenChat's "...Assistant:" is followed by a space before the reply; templates that end in a
+    newline (Llama-3, ChatML) are not.
+    """
+    return prompt + (" " if prompt.endswith(":") else "") + text
 
 
 class LocalJudge:
@@ -263,8 +264,7 @@ class LocalJudge:
 
     def rating_probs(self, system: str, user: str) -> np.ndarray:
         """P(rating = 1..10 | judge prompt, 'Rating: [['), shape [10], summing to 1."""
-        prompt = render_judge_prompt(self.tokenizer, system, user)
-        prefix = prompt + _answer_start(prompt) + "Rating: [["
+        prefix = start_reply(render_judge_prompt(self.tokenizer, system, user), "Rating: [[")
         logps = chat.continuation_logprobs(self.model, self.tokenizer, prefix, [f"{r}]]" for r in RATINGS])
         return logps.double().softmax(-1).numpy()
 
@@ -299,53 +299,7 @@ def make_judge(judge: str, judge_model: str = "tiny", judge_mode: str = "likelih
 
 
 # ----------------------------------------------------------------------------------------------
-# Cache
-
-class JsonlCache:
-    """Append-only JSONL records keyed by a tuple of their fields; the last record of a key wins.
-
-    Every record is flushed as it is written, so an interruption loses at most the record being
-    written; a torn last line is skipped on reading (with a warning).
-    """
-
-    def __init__(self, path: str | os.PathLike, key_fields: Sequence[str]):
-        self.path, self.key_fields = Path(path), tuple(key_fields)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._rows: dict[tuple, dict] = {}
-        if self.path.exists():
-            raw, bad = self.path.read_text(encoding="utf-8"), 0
-            for line in raw.splitlines():
-                try:
-                    row = json.loads(line)
-                    self._rows[self.key(row)] = row
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    bad += line.strip() != ""
-            if bad:
-                warnings.warn(f"{self.path}: skipped {bad} unreadable line(s), an interrupted write?", stacklevel=2)
-            if raw and not raw.endswith("\n"):  # so the next record does not glue onto a torn line
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write("\n")
-
-    def key(self, row: Mapping) -> tuple:
-        return tuple(row[f] for f in self.key_fields)
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def get(self, *key) -> dict | None:
-        return self._rows.get(tuple(key))
-
-    def put(self, row: Mapping) -> None:
-        row = dict(row)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-        self._rows[self.key(row)] = row
-
-
-def _sha(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:16]
-
+# Model names and the weights' fingerprint for the caches
 
 def model_label(name_or_path: str) -> str:
     """A short name for metric keys and tables: the last part of a hub id or path ("tiny" stays)."""
@@ -361,7 +315,7 @@ def model_fingerprint(model) -> str:
     folder = Path(where)
     if folder.is_dir():
         files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
-        return _sha(where, files)
+        return content_hash(where, files)
     return where
 
 
@@ -397,7 +351,7 @@ def generate_answers(model, tokenizer, questions: Sequence[Mapping], model_name:
                 qid = q["question_id"]
                 temp = TEMPERATURE[q["category"]] if temperature is None else temperature
                 settings = {"max_new_tokens": max_new_tokens, "temperature": temp, "seed": seed,
-                            "weights": fingerprint, "context": _sha(answers[qid][:turn - 1])}
+                            "weights": fingerprint, "context": content_hash(answers[qid][:turn - 1])}
                 hit = cache.get(model_name, qid, turn)
                 if hit is not None and hit["settings"] == settings:
                     answers[qid].append(hit["answer"])
@@ -439,7 +393,7 @@ def judge_answers(questions: Sequence[Mapping], answers: Mapping[int, Sequence[s
         for turn in (1, 2):
             name, system, user = judge_prompt(q, answers[q["question_id"]], turn, prompts)
             base = {"model": model_name, "question_id": q["question_id"], "category": q["category"], "turn": turn,
-                    "judge": judge.id, "prompt_name": name, "prompt_sha": _sha(system, user)}
+                    "judge": judge.id, "prompt_name": name, "prompt_sha": content_hash(system, user)}
             hit = cache.get(model_name, q["question_id"], turn, judge.id)
             if hit is not None and hit["prompt_sha"] == base["prompt_sha"]:
                 rows.append(hit)
@@ -479,10 +433,10 @@ def resolve_models(models: str, policies_dir: str, run_dir: str) -> dict[str, st
     run folder). Each sub-folder holding a config.json is a policy (a `from_pretrained` folder).
     A missing folder is reported, not an error: notebook 04 may not have run.
     """
-    from starling_lib.runs import INTERACTIVE_RUN_DIR
+    from starling_lib.runs import INTERACTIVE_RUN_DIR, POLICY_STAGE
 
     specs = {model_label(m.strip()): m.strip() for m in models.split(",") if m.strip()}
-    folder = Path(policies_dir) if policies_dir else Path(run_dir or INTERACTIVE_RUN_DIR) / "04_policy_tuning" / "policies"
+    folder = Path(policies_dir) if policies_dir else Path(run_dir or INTERACTIVE_RUN_DIR) / POLICY_STAGE / "policies"
     if folder.is_dir():
         found = sorted(p for p in folder.iterdir() if (p / "config.json").is_file())
         print(f"{len(found)} saved polic{'y' if len(found) == 1 else 'ies'} in {folder}: {[p.name for p in found]}")
@@ -613,3 +567,16 @@ def score_metrics(run_scores: pd.DataFrame, prefix: str = "eval/mt_bench") -> di
         out[f"{key}/judge"] = r.judge
         out[f"{key}/judge_mode"] = r.mode
     return out
+
+
+def eval_metrics(run_scores: pd.DataFrame, categories: pd.DataFrame, questions: Sequence[Mapping], judge,
+                 models: Sequence[str]) -> dict:
+    """Notebook 05's MT-Bench metrics: `score_metrics`, the scores by category (`category_metrics`
+    of a `category_scores` table), the number of questions, the judge and its mode, and the models
+    evaluated (`eval/models`)."""
+    return {**score_metrics(run_scores),
+            "eval/mt_bench/num_questions": len(questions),
+            "eval/mt_bench/judge": judge.id,
+            "eval/mt_bench/judge_mode": judge.mode,
+            "eval/mt_bench_by_category": category_metrics(categories),
+            "eval/models": list(models)}

@@ -39,6 +39,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from starling_lib.bias import kendall_tau_a
 from starling_lib.data import bundled_path
 
 BENCHMARKS = {
@@ -98,11 +99,10 @@ def prompt_scores(rewards: Sequence[float]) -> dict[str, float]:
     k = len(r)
     i, j = np.triu_indices(k, 1)                       # every pair, i ranked above j by GPT-4
     concordant, tied = (r[i] > r[j]).sum(), (r[i] == r[j]).sum()
-    discordant = len(i) - concordant - tied
     top = np.flatnonzero(r == r.max())
     return {"pair_accuracy": (concordant + 0.5 * tied) / len(i),
             "top1": float(0 in top) / len(top),
-            "kendall_tau": (concordant - discordant) / len(i)}
+            "kendall_tau": kendall_tau_a(r, -np.arange(k))}  # GPT-4's order scores answer 0 highest
 
 
 def ranking_metrics(rewards_per_prompt: Sequence[Sequence[float]]) -> dict[str, float]:

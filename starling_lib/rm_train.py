@@ -35,7 +35,7 @@ accumulation steps, constant lr 1e-5, one epoch, bf16, gradient checkpointing, D
 configs/rm/starling_7b.yaml carries those settings. Departures from it: its loss is the
 Plackett-Luce NLL divided by K-1 (a constant factor we drop; AdamW hardly sees it); its data
 order is the Trainer's shuffling, ours a pure function of (seed, step); it truncates the whole
-chat from the left, we keep BOS and a quarter of the budget for the prompt (reward_model.py).
+chat from the left, we keep BOS and a quarter of the budget for the prompt (rm_layout.py).
 `packing` (ours, on by default) encodes each prompt once for all its answers, in rows packed tight,
 where Starling-RM pads every (prompt + answer) of a forward pass to the longest; the rewards are
 the same up to float rounding. `k` < 7 (ours) trains on a random sub-ranking of k answers per prompt, drawn afresh each step;
@@ -45,29 +45,30 @@ axiom), so the loss stays exact.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
 
-from starling_lib import reward_model as rmod
 from starling_lib.losses import pairwise_split_loss, plackett_luce_loss
-from starling_lib.models import load_tokenizer, train_top_layers
+from starling_lib.models import load_tokenizer, quiet_transformers, train_top_layers
+from starling_lib.reward_model import RewardModel, build_reward_model, resolve_backbone, score_sequences
 from starling_lib.rm_eval import pair_accuracy, ranking_metrics
-from starling_lib.training import lr_lambda, mixed_precision, resume_point, save_checkpoint
+from starling_lib.rm_io import save_reward_model
+from starling_lib.rm_layout import chat_texts, encode_chats, pack_shared_prompts, pad_right
+from starling_lib.training import (TrainConfig, batch_indices, lr_lambda, make_accelerator, mixed_precision,
+                                   resume_point, save_checkpoint)
 
 LOSSES = {"kwise": plackett_luce_loss, "pairwise": pairwise_split_loss}
 
 
 @dataclass
-class RMTrainConfig:
+class RMTrainConfig(TrainConfig):
     """One reward-model training run. Every field can be set from a YAML file or `--set key=value`."""
 
     backbone: str = "tiny"
@@ -122,11 +123,11 @@ class RMTrainConfig:
 
     max_length: int = 256
     """Tokens per prompt + answer. Longer ones lose the prompt's start first (the answer's end,
-    where the reward is read, is kept); see reward_model.truncate_keep_end."""
+    where the reward is read, is kept); see rm_layout.truncate_keep_end."""
 
     packing: bool = True
     """Encode each prompt once for all its answers and pack the micro-batch's sequences into rows
-    (reward_model.pack_shared_prompts) instead of padding every prompt + answer to the longest.
+    (rm_layout.pack_shared_prompts) instead of padding every prompt + answer to the longest.
     Same rewards up to float rounding, fewer tokens through the model. Needs sdpa or eager attention."""
 
     pack_length: int = 0
@@ -191,39 +192,29 @@ class RMTrainConfig:
     """Show tqdm progress bars."""
 
     # Fields that do not change the trained weights: a checkpoint may be resumed under new values.
-    _NOT_IN_FINGERPRINT = ("output_dir", "checkpoint_every", "keep_checkpoints", "resume", "save_model",
-                           "log_every", "progress", "eval_every", "eval_prompts", "eval_batch_size")
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = (
+        "output_dir", "checkpoint_every", "keep_checkpoints", "resume", "save_model", "log_every", "progress",
+        "eval_every", "eval_prompts", "eval_batch_size")
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
+        self.check_choices(loss=tuple(LOSSES))   # and lr_schedule, device, checkpoint_every's output_dir
         if self.k < 2:
             raise ValueError(f"k must be at least 2 (a ranking needs two answers), got {self.k}")
-        if self.lr_schedule not in {"constant", "linear", "cosine"}:
-            raise ValueError(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
-        if self.checkpoint_every and not self.output_dir:
-            raise ValueError("checkpoint_every needs an output_dir to write checkpoints to")
         if self.lora_r and self.unfrozen_layers >= 0:
             raise ValueError("choose LoRA (lora_r > 0) or unfrozen_layers >= 0, not both")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be at least 1 (the one to resume from), got {self.keep_checkpoints}")
         if self.pack_length and self.pack_length < self.max_length:
             raise ValueError(f"pack_length={self.pack_length} must be 0 or at least max_length={self.max_length}")
-        if self.device not in {"auto", "cpu", "cuda"}:
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The fields that determine the trained weights (what a checkpoint must agree with)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NOT_IN_FINGERPRINT}
 
 
 @dataclass
-class TrainResult:
+class RMTrainResult:
     """What a training run returns."""
 
-    model: Any                 # the trained RewardModel (unwrapped), eval mode
+    model: RewardModel         # the trained model (unwrapped), eval mode
     history: list[dict]        # one dict per logged step: step, rm/loss, rm/train_pair_accuracy, ...
     wall_s: float              # seconds spent training in this run (not loading, not evaluating)
     sequences: int             # answer sequences encoded by this run's forward passes
@@ -246,26 +237,9 @@ def load_rankings(cfg: RMTrainConfig):
     split = split_by_prompt(to_kwise(ds), test_fraction=cfg.test_fraction, seed=cfg.seed)
     if cfg.train_prompts:
         n = min(cfg.train_prompts, len(split["train"]))
-        split["train"] = split["train"].select(sorted(_permutation(len(split["train"]), cfg.seed, 0)[:n]))
+        # a seeded subset: the first n rows of the first epoch's order
+        split["train"] = split["train"].select(sorted(batch_indices(0, n, len(split["train"]), cfg.seed)))
     return split
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    return tuple(int(i) for i in np.random.default_rng([seed, epoch]).permutation(n))
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Row indices of the global batch of optimizer step `step` (0-based).
-
-    Walks through a fresh seeded permutation of the n rows each epoch; the same on every
-    process and after a resume, because it depends only on its arguments.
-    """
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(pos, n)
-        out.append(_permutation(n, seed, epoch)[i])
-    return out
 
 
 def sub_ranking(answers: Sequence[str], k: int, seed: int, step: int, position: int) -> list[str]:
@@ -281,7 +255,7 @@ def collate_rankings(rows: Sequence[dict], tokenizer, k: int, max_length: int, s
     """One micro-batch: every answer of every row through the model once, and where each reward goes.
 
     pack_length 0: input_ids, attention_mask (N, T), the N = sum of the rows' answer counts padded
-    on the right. pack_length > 0: the packed layout of `reward_model.pack_shared_prompts` (each
+    on the right. pack_length > 0: the packed layout of `rm_layout.pack_shared_prompts` (each
     prompt once, rows of at most pack_length tokens: input_ids, position_ids, a 4-D attention_mask
     and `read`, where each of the N rewards is read).
     Both also return mask (B, k): True where row b has an answer j; the N rewards fill the True
@@ -291,14 +265,14 @@ def collate_rankings(rows: Sequence[dict], tokenizer, k: int, max_length: int, s
     prompts, answers = [], []
     for row, row_answers in zip(rows, b_answers):
         for answer in row_answers:
-            prompt_text, answer_text = rmod.chat_texts(row["messages"], answer)
+            prompt_text, answer_text = chat_texts(row["messages"], answer)
             prompts.append(prompt_text)
             answers.append(answer_text)
-    seqs, prompt_lengths = rmod.encode_chats(tokenizer, prompts, answers, max_length, return_prompt_lengths=True)
+    seqs, prompt_lengths = encode_chats(tokenizer, prompts, answers, max_length, return_prompt_lengths=True)
     if pack_length:
-        out = rmod.pack_shared_prompts(seqs, prompt_lengths, pack_length, tokenizer.pad_token_id)
+        out = pack_shared_prompts(seqs, prompt_lengths, pack_length, tokenizer.pad_token_id)
     else:
-        input_ids, attention_mask = rmod.pad_right(seqs, tokenizer.pad_token_id)
+        input_ids, attention_mask = pad_right(seqs, tokenizer.pad_token_id)
         out = {"input_ids": input_ids, "attention_mask": attention_mask}
     counts = torch.tensor([len(a) for a in b_answers])
     out["mask"] = torch.arange(k).unsqueeze(0) < counts.unsqueeze(1)               # (B, k)
@@ -310,13 +284,10 @@ def collate_rankings(rows: Sequence[dict], tokenizer, k: int, max_length: int, s
 # the trainer
 
 
-def make_accelerator(cfg: RMTrainConfig):
-    """An `accelerate.Accelerator` for this config, with gradient accumulation for its batch sizes."""
-    from accelerate import Accelerator
-
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg))
+def rm_accelerator(cfg: RMTrainConfig):
+    """`training.make_accelerator`, with gradient accumulation for this config's batch sizes (and
+    DeepSpeed told them): batch_size must split into the processes x whole micro-batches."""
+    accelerator = make_accelerator(cfg)
     per_process = cfg.batch_size // accelerator.num_processes
     if cfg.batch_size % accelerator.num_processes or per_process % cfg.micro_batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} must split into {accelerator.num_processes} process(es) "
@@ -335,16 +306,16 @@ def _evaluate_heldout(model, tokenizer, rows, cfg: RMTrainConfig) -> dict[str, f
     prompts, answers = [], []
     for row in rows:
         for answer in row["answers"]:
-            p, a = rmod.chat_texts(row["messages"], answer)
+            p, a = chat_texts(row["messages"], answer)
             prompts.append(p)
             answers.append(a)
-    seqs = rmod.encode_chats(tokenizer, prompts, answers, cfg.max_length)
-    flat = rmod.score_sequences(model, seqs, tokenizer.pad_token_id, cfg.eval_batch_size).numpy()
+    seqs = encode_chats(tokenizer, prompts, answers, cfg.max_length)
+    flat = score_sequences(model, seqs, tokenizer.pad_token_id, cfg.eval_batch_size).numpy()
     bounds = np.cumsum([0] + [len(row["answers"]) for row in rows])
     return ranking_metrics([flat[bounds[i]:bounds[i + 1]] for i in range(len(rows))])
 
 
-def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> TrainResult:
+def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> RMTrainResult:
     """Train a reward model on Nectar rankings as `cfg` says; resume from a checkpoint if there is one.
 
     stop_after: end this run after that many optimizer steps in total (as if interrupted), for
@@ -356,7 +327,7 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> Tra
     # A checkpoint of another config fails here, before anything slow happens.
     latest, resume_state = resume_point(cfg)
 
-    accelerator = make_accelerator(cfg)
+    accelerator = rm_accelerator(cfg)
     accum = accelerator.gradient_accumulation_steps
     set_seed(cfg.seed)
     with accelerator.main_process_first():  # the hub download and its cache, once
@@ -366,7 +337,7 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> Tra
     if len(train_rows) == 0:
         raise ValueError("no training prompts: raise max_prompts or lower test_fraction")
 
-    model, tokenizer = rmod.build_reward_model(
+    model, tokenizer = build_reward_model(
         cfg.backbone, max_length=cfg.max_length, unfrozen_layers=cfg.unfrozen_layers, lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -468,11 +439,11 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> Tra
         state_dict = accelerator.get_state_dict(model) if accelerator.distributed_type in (
             DistributedType.FSDP, DistributedType.DEEPSPEED) else None
         if accelerator.is_main_process:
-            rmod.save_reward_model(unwrapped, model_dir, state_dict=state_dict,
+            save_reward_model(unwrapped, model_dir, state_dict=state_dict,
                                    extra={"training": cfg.fingerprint(), "steps_done": end_step})
         accelerator.wait_for_everyone()
     unwrapped.eval()
-    return TrainResult(model=unwrapped, history=history, wall_s=wall_s, sequences=sequences, tokens=tokens,
+    return RMTrainResult(model=unwrapped, history=history, wall_s=wall_s, sequences=sequences, tokens=tokens,
                        steps_run=end_step - start_step, config=cfg, model_dir=model_dir,
                        extra={"num_processes": accelerator.num_processes, "grad_accum_steps": accum, "eval_s": eval_s,
                               "distributed_type": str(accelerator.distributed_type.value),
@@ -499,15 +470,15 @@ def pairs_dataset(rows: Sequence[dict], tokenizer, k: int, max_length: int, seed
     for n, row in enumerate(rows):
         answers = sub_ranking(row["answers"], k, seed, _PAIRS_STREAM, n)
         pairs = [(answers[i], answers[j]) for i in range(len(answers)) for j in range(i + 1, len(answers))]
-        texts = [rmod.chat_texts(row["messages"], a) for a in answers]
-        seqs = rmod.encode_chats(tokenizer, [t[0] for t in texts], [t[1] for t in texts], max_length)
+        texts = [chat_texts(row["messages"], a) for a in answers]
+        seqs = encode_chats(tokenizer, [t[0] for t in texts], [t[1] for t in texts], max_length)
         index = {a: s for a, s in zip(answers, seqs)}
         chosen += [index[hi] for hi, _ in pairs]
         rejected += [index[lo] for _, lo in pairs]
     return datasets.Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected})
 
 
-def train_pairwise_baseline(cfg: RMTrainConfig, output_dir: str | os.PathLike) -> TrainResult:
+def train_pairwise_baseline(cfg: RMTrainConfig, output_dir: str | os.PathLike) -> RMTrainResult:
     """TRL's RewardTrainer on all pairs of the same rankings, for a like-for-like comparison.
 
     Like-for-like with `train_reward_model(cfg)`: same backbone, head placement (last non-pad
@@ -521,7 +492,7 @@ def train_pairwise_baseline(cfg: RMTrainConfig, output_dir: str | os.PathLike) -
     from trl import RewardConfig, RewardTrainer
 
     split = load_rankings(cfg)
-    path = rmod.resolve_backbone(cfg.backbone)
+    path = resolve_backbone(cfg.backbone)
     tokenizer = load_tokenizer(path)
     train = pairs_dataset(split["train"], tokenizer, cfg.k, cfg.max_length, cfg.seed)
     pairs_per_step = cfg.batch_size * cfg.k * (cfg.k - 1) // 2
@@ -530,7 +501,7 @@ def train_pairwise_baseline(cfg: RMTrainConfig, output_dir: str | os.PathLike) -
 
     # The new `score` head and the dropped `lm_head` are on purpose: no load report. The head's
     # initialisation is seeded on a private copy of the RNG.
-    with rmod.quiet_transformers(), torch.random.fork_rng(devices=[]):
+    with quiet_transformers(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -563,11 +534,11 @@ def train_pairwise_baseline(cfg: RMTrainConfig, output_dir: str | os.PathLike) -
     trained = trainer.model
     if hasattr(trained, "merge_and_unload"):
         trained = trained.merge_and_unload()
-    reward = rmod.RewardModel.from_sequence_classifier(trained, tokenizer, cfg.max_length, cfg.backbone).eval()
+    reward = RewardModel.from_sequence_classifier(trained, tokenizer, cfg.max_length, cfg.backbone).eval()
     history = [{"step": h["step"], "rm/loss": h["loss"], "rm/train_pair_accuracy": h.get("accuracy")}
                for h in trainer.state.log_history if "loss" in h]
     sequences = 2 * pairs_per_micro * accum * cfg.steps
-    return TrainResult(model=reward, history=history, wall_s=wall_s, sequences=sequences,
+    return RMTrainResult(model=reward, history=history, wall_s=wall_s, sequences=sequences,
                        tokens=int(getattr(trainer, "_total_train_tokens", 0)), steps_run=cfg.steps, config=cfg,
                        extra={"num_pairs": len(train), "pairs_per_step": pairs_per_micro * accum,
                               "grad_accum_steps": accum, "train_runtime_s": out.metrics.get("train_runtime")})

@@ -38,6 +38,7 @@ import torch
 
 from starling_lib.data import END_OF_TURN, format_chat, load_nectar, prompt_to_messages, ranked, split_by_prompt
 from starling_lib.runs import build_atomically, cache_dir
+from starling_lib.training import batch_indices
 
 IGNORE = -100  # label value that cross_entropy skips
 SFT_FORMAT_VERSION = 2  # bump when the recipe changes in a way the settings do not show; part of the cache key
@@ -112,7 +113,6 @@ def train_sft(model, tokenizer, examples: list[dict], cfg: SFTConfig, progress: 
     """Fine-tune `model` in place on `examples`; returns the loss of every step."""
     from tqdm.auto import tqdm
 
-    from starling_lib.rm_train import batch_indices
 
     device = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)

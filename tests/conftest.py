@@ -1,5 +1,5 @@
-"""Shared test plumbing: executing a notebook end to end through papermill; a script in a
-one-process torch.distributed group."""
+"""Shared test plumbing: the tiny model; executing a notebook end to end through papermill; a
+script in a one-process torch.distributed group."""
 
 import json
 import os
@@ -12,6 +12,14 @@ import papermill
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer) of the offline "tiny" model on the CPU in eval mode: one per test module,
+    so a module that trains or freezes it does not change another module's."""
+    from starling_lib.models import load_model_and_tokenizer
+    return load_model_and_tokenizer("tiny", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,7 @@ import pandas as pd
 import pytest
 from scipy.special import expit
 
-from starling_lib import alpaca, chat
-from starling_lib.models import load_model_and_tokenizer
+from starling_lib import alpaca, chat, mtbench
 
 
 def test_bundled_outputs_share_the_805_instructions():
@@ -105,6 +104,8 @@ def test_summarize_uses_the_outputs_lengths():
     assert s["win_rate"] == 50.0 and s["length_controlled_winrate"] == pytest.approx(fit.lc_win_rate)
     assert s["length_weight"] > 0 and s["avg_length"] == 15.5
     m = alpaca.summary_metrics(pd.DataFrame([{**s, "judge": "j"}], index=["x"]))
+    run = alpaca.eval_metrics(pd.DataFrame([{**s, "judge": "j"}], index=["x"]), "gpt4_1106_preview", ["i"] * 4)
+    assert run == {**m, "eval/alpaca_eval/baseline": "gpt4_1106_preview", "eval/alpaca_eval/num_instructions": 4}
     assert m["eval/alpaca_eval/x/win_rate"] == 50.0 and m["eval/alpaca_eval/x/lc_win_rate_se"] is None
     assert m["eval/alpaca_eval/x/n_judged"] == 4 and isinstance(m["eval/alpaca_eval/x/n_judged"], int)
     assert m["eval/alpaca_eval/x/judge"] == "j"
@@ -161,12 +162,13 @@ def test_judge_prompt_labels_outputs_m_and_M():
     assert "x" * 10 in cut and "x" * 11 not in cut
 
 
-def test_local_pairwise_preference_is_the_m_versus_M_probability():
-    model, tok = load_model_and_tokenizer("tiny", device="cpu")
+def test_local_pairwise_preference_is_the_m_versus_M_probability(tiny):
+    model, tok = tiny
     judge = alpaca.LocalPairwiseJudge(model, tok, "tiny")
     system, user = alpaca.judge_prompt("Say hi", "hi", "hello there")
     p = judge.prefer(system, user)
-    prompt = alpaca.render_judge_prompt(tok, system, user) + " "
+    prompt = mtbench.render_judge_prompt(tok, system, user) + " "
+    assert mtbench.start_reply(prompt[:-1]) == prompt and mtbench.start_reply("x\n", "y") == "x\ny"
     logp = chat.continuation_logprobs(model, tok, prompt, ["m", "M"]).double().exp()
     assert 1 < p < 2 and p == pytest.approx(2 - logp[0] / logp.sum())
 
@@ -193,3 +195,13 @@ def test_api_pairwise_judge_reads_the_identifier():
     prefs = [judge.prefer(*alpaca.judge_prompt("x", "a", "b")) for _ in range(3)]
     assert prefs[:2] == [1.0, 2.0] and np.isnan(prefs[2])
     assert [m["role"] for m in client.seen[0]] == ["system", "user"]
+
+
+def test_default_api_pairwise_judge_asks_the_environment_model_for_one_token(monkeypatch):
+    monkeypatch.setenv("STARLING_JUDGE_BASE_URL", "http://127.0.0.1:9/v1")  # never contacted
+    monkeypatch.setenv("STARLING_JUDGE_MODEL", "gpt-4")
+    judge = alpaca.ApiPairwiseJudge(model="gpt-4-1106-preview")
+    assert judge.id == "api:gpt-4-1106-preview"
+    assert (judge.client.config.temperature, judge.client.config.max_tokens) == (0.0, 1)
+    assert alpaca.pairwise_judge_for(mtbench.ApiJudge()).id == "api:gpt-4"
+

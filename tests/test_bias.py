@@ -89,6 +89,17 @@ def test_kendall_tau():
         bias.kendall_tau([0, 1, 1], [0, 1, 2])
 
 
+def test_kendall_tau_a_counts_tied_pairs_as_neither():
+    assert bias.kendall_tau_a([3, 2, 1], [30, 20, 10]) == 1.0
+    assert bias.kendall_tau_a([1, 2, 3], [3, 2, 1]) == -1.0
+    assert bias.kendall_tau_a([2, 2, 0], [2, 1, 0]) == pytest.approx(2 / 3)  # the tied pair counts 0
+    assert bias.kendall_tau_a([0] * 7, range(7)) == 0.0
+    # two rankings, listed best first, are two scorings by minus the place
+    assert bias.kendall_tau([0, 2, 1], [0, 1, 2]) == bias.kendall_tau_a([0, -2, -1], [0, -1, -2])
+    with pytest.raises(ValueError, match="same 2 or more items"):
+        bias.kendall_tau_a([1, 2], [1, 2, 3])
+
+
 def test_reference_agreement_uses_the_answers_rank():
     # answers shown with true ranks 3, 1, 2: the true order of positions is [1, 2, 0]
     perfect = record([1, 2, 0], ranks=[3, 1, 2])
@@ -158,6 +169,27 @@ def test_bundled_summary_table_orders_most_to_least_biased(bundled):
     # random tie-break order is the only run whose winner positions pass the test against uniform
     assert table.loc["tiebreak_order_given", "chi2_p_value"] > 0.05
     assert (table.drop(index="tiebreak_order_given")["chi2_p_value"] < 0.001).all()
+
+
+def test_bias_metrics_of_a_run_with_a_simulated_and_a_live_part():
+    from starling_lib.judge import RatingReport
+    summaries = {"a": bias.bias_summary(HAND_RUN, n_boot=50), "b": bias.bias_summary(HAND_RUN[:2], n_boot=50)}
+    sim_runs = {(who, "a"): HAND_RUN for who in ("biased", "unbiased")}
+    sim_summaries = {key: summaries["a"] for key in sim_runs}
+    live = RatingReport(variant="a", judge="fake-judge", path="x", prompt_tokens=30, completion_tokens=6)
+    m = bias.bias_metrics(summaries, sim_summaries, sim_runs, 5)
+    assert m["bias/most_biased"] == "b" and m["bias/least_biased"] == "a"  # b: every winner shown first
+    assert m["bias/top_position"] == {"a": [0.5, 0.25, 0.25], "b": [1.0, 0.0, 0.0]}
+    assert m["bias/a/num_ratings"] == 4 and m["bias/a/tv_distance"] == pytest.approx(1 / 6)
+    assert m["bias/sim/num_prompts"] == 5 and m["bias/sim/top_position"] == {"a": [0.5, 0.25, 0.25]}
+    assert m["bias/sim/unbiased/a/kendall_tau"] == bias.reference_agreement(HAND_RUN)
+    assert m["bias/sim/biased/a/num_unparsed"] == 1 and not any(k.startswith("bias/live") for k in m)
+    with_live = bias.bias_metrics(summaries, sim_summaries, sim_runs, 5, summaries["b"], live)
+    assert with_live["bias/live/judge"] == "fake-judge" and with_live["bias/live/num_ratings"] == 2
+    assert (with_live["bias/live/prompt_tokens"], with_live["bias/live/completion_tokens"]) == (30, 6)
+    assert set(with_live) - set(m) == {f"bias/live/{k}" for k in (
+        "tv_distance", "chi2_p_value", "num_ratings", "num_unparsed", "top_position", "judge", "prompt_tokens",
+        "completion_tokens")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,18 +5,12 @@ import torch
 
 from starling_lib import chat
 from starling_lib.data import END_OF_TURN
-from starling_lib.models import load_model_and_tokenizer
 
 # The Starling-LM-7B-alpha model card's three examples, plus the <s> its tokenizer adds.
 SINGLE_TURN = "<s>GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant:"
 MULTI_TURN = ("<s>GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant: Hi<|end_of_turn|>"
               "GPT4 Correct User: How are you today?<|end_of_turn|>GPT4 Correct Assistant:")
 CODE_MODE = "<s>Code User: Implement quicksort using C++<|end_of_turn|>Code Assistant:"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model_and_tokenizer("tiny", device="cpu")
 
 
 def test_render_gives_the_model_card_strings(tiny):

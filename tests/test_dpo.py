@@ -7,10 +7,10 @@ import pytest
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from starling_lib.dpo import dpo_dataset
 from starling_lib.losses import dpo_loss
 from starling_lib.models import load_model_and_tokenizer, tiny_model_path
 from starling_lib.policy import PolicyTrainConfig
+from starling_lib.policy.dpo import dpo_dataset
 from starling_lib.rollout import logprobs_from_logits
 
 ROWS = [

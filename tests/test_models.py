@@ -27,18 +27,13 @@ MULTI_TURN = ("<s>GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant:
 CODE_MODE = "<s>Code User: Implement quicksort using C++<|end_of_turn|>Code Assistant:"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-    """A private STARLING_CACHE for the module; the default tiny model is built into it once."""
+    """A private STARLING_CACHE for the module (before conftest's `tiny`, which is built into it once)."""
     with pytest.MonkeyPatch.context() as mp:
         root = tmp_path_factory.mktemp("starling_cache")
         mp.setenv("STARLING_CACHE", str(root))
         yield root
-
-
-@pytest.fixture(scope="module")
-def tiny(cache):
-    return load_model_and_tokenizer("tiny", device="cpu")
 
 
 @pytest.fixture

@@ -1,22 +1,13 @@
 """starling_lib.mtbench: FastChat's protocol (questions, judge prompts, rating parser, scores), the
-likelihood judge, the resumable caches and the OpenAI-compatible judge over HTTP."""
-
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+likelihood judge, resuming from the caches and the OpenAI-compatible judge over HTTP."""
 
 import numpy as np
 import pandas as pd
 import pytest
+from fake_openai import FakeOpenAIServer
 
-from starling_lib import chat, mtbench
+from starling_lib import chat, llm_client, mtbench
 from starling_lib.mtbench import Rating, parse_rating
-from starling_lib.models import load_model_and_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model_and_tokenizer("tiny", device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,66 +264,24 @@ def test_turn_two_is_generated_after_the_first_answer(tiny, tmp_path, monkeypatc
                                          {"role": "user", "content": q[0]["turns"][1]}])
 
 
-def test_torn_cache_line_is_skipped(tmp_path):
-    path = tmp_path / "c.jsonl"
-    path.write_text(json.dumps({"a": 1, "v": "x"}) + "\n" + '{"a": 2, "v": "torn')
-    with pytest.warns(UserWarning, match="unreadable"):
-        cache = mtbench.JsonlCache(path, ["a"])
-    assert cache.get(1)["v"] == "x" and cache.get(2) is None
-    cache.put({"a": 2, "v": "y"})
-    with pytest.warns(UserWarning, match="unreadable"):  # the torn line stays; the new record follows it
-        assert mtbench.JsonlCache(path, ["a"]).get(2)["v"] == "y"
-
-
 # ---------------------------------------------------------------------------------------------
 # the OpenAI-compatible judge over HTTP
 
 SECRET = "sk-test-" + "z9" * 16
 
 
-class FakeOpenAI(BaseHTTPRequestHandler):
-    """/v1/chat/completions answering from a script of (status, content); records each request."""
-
-    script: list = []
-    requests: list = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        status, content = type(self).script.pop(0)
-        payload = ({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                 "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
-                   if status == 200 else {"error": {"message": "try later", "type": "x"}})
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server(monkeypatch):
-    FakeOpenAI.script, FakeOpenAI.requests = [], []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("STARLING_JUDGE_BASE_URL", f"http://127.0.0.1:{httpd.server_address[1]}/v1")
-    monkeypatch.setenv("STARLING_JUDGE_MODEL", "gpt-4")
-    monkeypatch.setenv("STARLING_JUDGE_API_KEY", SECRET)
-    yield FakeOpenAI
-    httpd.shutdown()
-    httpd.server_close()
+    with FakeOpenAIServer(default="Rating: [[5]]") as srv:
+        monkeypatch.setenv("STARLING_JUDGE_BASE_URL", srv.url)
+        monkeypatch.setenv("STARLING_JUDGE_MODEL", "gpt-4")
+        monkeypatch.setenv("STARLING_JUDGE_API_KEY", SECRET)
+        yield srv
 
 
 def _api_judge():
-    from starling_lib.judge import JudgeConfig, OpenAIJudge
-    client = OpenAIJudge(JudgeConfig.from_env(temperature=0.0, max_tokens=2048), sleep=lambda s: None)
+    client = llm_client.ChatClient(llm_client.ClientConfig.from_env(temperature=0.0, max_tokens=2048),
+                                   sleep=lambda s: None)
     return mtbench.ApiJudge(client=client)
 
 
@@ -340,13 +289,14 @@ def test_api_judge_retries_and_never_writes_the_key(server, tmp_path):
     judge = _api_judge()
     assert judge.id == "api:gpt-4" and SECRET not in repr(judge)
     q = mtbench.load_questions(per_category=1, categories=["math"])
-    server.script = [(429, ""), (500, ""), (503, ""), (200, "Correct. Rating: [[9]]"), (200, "Wrong. Rating: [[2]]")]
+    server.script = [("status", 429), ("status", 500), ("status", 503), ("ok", "Correct. Rating: [[9]]"),
+                     ("ok", "Wrong. Rating: [[2]]")]
     answers = {q[0]["question_id"]: ["a1", "a2"]}
     judgments = mtbench.judge_answers(q, answers, "m", judge, tmp_path / "judgments.jsonl", progress=False)
     assert judgments["rating"].tolist() == [9.0, 2.0] and judgments["error"].isna().all()
     assert len(server.requests) == 5  # three retried failures, then two answers
     req = server.requests[-1]
-    assert req["path"] == "/v1/chat/completions" and req["auth"] == f"Bearer {SECRET}"
+    assert req["path"] == "/v1/chat/completions" and req["authorization"] == f"Bearer {SECRET}"
     assert req["body"]["model"] == "gpt-4" and req["body"]["temperature"] == 0.0
     assert req["body"]["max_tokens"] == 2048
     assert [m["role"] for m in req["body"]["messages"]] == ["system", "user"]
@@ -358,10 +308,31 @@ def test_api_judge_retries_and_never_writes_the_key(server, tmp_path):
 def test_failed_api_request_is_rated_minus_one_and_not_cached(server, tmp_path):
     judge = _api_judge()
     q = mtbench.load_questions(per_category=1, categories=["writing"])
-    server.script = [(400, ""), (200, "Rating: [[6]]")]
+    server.script = [("status", 400), ("ok", "Rating: [[6]]")]
     j = mtbench.judge_answers(q, {81: ["a1", "a2"]}, "m", judge, tmp_path / "j.jsonl", progress=False)
     assert j["rating"].tolist() == [-1.0, 6.0] and isinstance(j["error"][0], str)
     assert mtbench.scores(j)["n_failed"].item() == 1
-    server.script = [(200, "Rating: [[4]]")]  # the rerun asks only for the failed one
+    server.script = [("ok", "Rating: [[4]]")]  # the rerun asks only for the failed one
     j = mtbench.judge_answers(q, {81: ["a1", "a2"]}, "m", judge, tmp_path / "j.jsonl", progress=False)
     assert j["rating"].tolist() == [4.0, 6.0] and len(server.requests) == 3
+
+
+def test_default_api_judge_is_configured_from_the_environment_with_fastchats_settings(server):
+    judge = mtbench.make_judge("gpt-4-0125")  # a model name at the endpoint
+    assert judge.id == "api:gpt-4-0125" and SECRET not in repr(judge)
+    assert (judge.client.config.temperature, judge.client.config.max_tokens) == (0.0, 2048)
+    assert judge.client.config.base_url == server.url
+    assert mtbench.make_judge("env").client.config.model == "gpt-4"  # STARLING_JUDGE_MODEL
+
+
+def test_eval_metrics_adds_the_run_settings_to_the_scores():
+    j = _judgments([("a", 81, "writing", 1, 8.0), ("a", 81, "writing", 2, 6.0)])
+
+    class Judge:
+        id, mode = "local:tiny:likelihood", "likelihood"
+
+    m = mtbench.eval_metrics(mtbench.scores(j), mtbench.category_scores(j), [{"question_id": 81}], Judge(), {"a": "a"})
+    assert m == {**mtbench.score_metrics(mtbench.scores(j)), "eval/mt_bench/num_questions": 1,
+                 "eval/mt_bench/judge": "local:tiny:likelihood", "eval/mt_bench/judge_mode": "likelihood",
+                 "eval/mt_bench_by_category": {"a": {"writing": 7.0}}, "eval/models": ["a"]}
+

@@ -1,6 +1,7 @@
-"""Every committed notebook follows the house conventions (DEVELOPERS.md).
+"""Every committed notebook follows the house conventions: no outputs, a typed parameters cell.
 
-The executed smoke runs of the notebooks live in tests/test_notebook_runs.py.
+The executed runs of the notebooks live in tests/test_<stage>_notebook.py (nectar, bias, rm,
+policy, eval), through the run_notebook fixture of conftest.py.
 """
 
 import ast
@@ -60,3 +61,15 @@ def test_title_lesson_and_metrics(nb):
     assert "write_metrics" in last_code.source, f"{path.name}: the last cell writes metrics.json"
     imports = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
     assert "starling_lib" in imports
+
+
+def test_parameters_are_recorded_from_the_parameters_cell(nb):
+    # runs.notebook_params(globals()) reads the names from __annotations__: only the parameters
+    # cell may annotate at top level, or other names would be recorded as parameters.
+    path, notebook = nb
+    others = [c for c in notebook.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])]
+    for cell in others:
+        annotated = [s for s in ast.parse(cell.source).body if isinstance(s, ast.AnnAssign)]
+        assert not annotated, f"{path.name}: annotated assignment outside the parameters cell: {cell.source[:80]!r}"
+    assert any("runs.notebook_params(globals())" in c.source for c in others), \
+        f"{path.name}: record the parameters with runs.notebook_params(globals()), not a hand-written dict"

@@ -1,4 +1,4 @@
-"""starling_lib.policy: one short run of each method, resume, accumulation, configs and the bookkeeping."""
+"""starling_lib.policy: one short run of each method, training that learns, resume, accumulation, configs and the bookkeeping."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import torch
 
 from starling_lib.models import load_model_and_tokenizer, tiny_model_path
 from starling_lib.policy import (PolicyTrainConfig, PolicyTrainResult, check_not_fsdp, evaluate_policy, frontier_frame,
-                                 history_frame, load_config, load_or_train_reward_model, load_prompts, main,
-                                 normalize_scores, optimizer_steps_per_step, reward_gain, step_prompts, train_policy)
-from starling_lib.reward_model import build_reward_model, load_reward_model, save_reward_model
+                                 history_frame, load_config, load_or_train_reward_model, load_prompts,
+                                 normalize_scores, reward_gain, step_prompts, train_policy)
+from starling_lib.policy.__main__ import main
+from starling_lib.reward_model import build_reward_model
+from starling_lib.rm_io import load_reward_model, save_reward_model
 from starling_lib.rollout import SharedTrunkPolicy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,7 +78,7 @@ def test_each_method_trains_only_the_top_layers_and_logs_its_metrics(tiny_cfg, m
 
 def test_dpo_runs_through_trl_with_the_same_budget_and_evaluation(tiny_cfg, tmp_path):
     result = train_policy(dataclasses.replace(tiny_cfg, method="dpo", output_dir=str(tmp_path)))
-    assert result.extra["optimizer_steps"] == tiny_cfg.steps * optimizer_steps_per_step(tiny_cfg) == 8
+    assert result.extra["optimizer_steps"] == tiny_cfg.steps * tiny_cfg.optimizer_steps_per_step == 8
     assert result.extra["num_pairs"] == 4 and result.extra["sequences_per_optimizer_step"] == tiny_cfg.minibatch_size
     before = _initial_state()
     saved = load_model_and_tokenizer(str(result.policy_dir), device="cpu")[0].state_dict()
@@ -255,3 +257,39 @@ def test_an_existing_reward_model_is_used_not_retrained(rm_dir, tmp_path):
     target = tmp_path / "03_kwise_reward_training" / "reward_model"
     shutil.copytree(rm_dir, target)
     assert load_or_train_reward_model(tmp_path) == (target, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# training that learns: each online method raises a simple, learnable reward
+
+
+class LetterReward:
+    """A known reward: 1 if the response contains the letter "e", else 0.
+
+    Learnable by a short warm-up of the tiny model (its next-token distribution is peaked on
+    common Nectar tokens, some with an "e" and some without) within a few dozen updates, with
+    responses of two tokens: a bandit, so the test measures the methods, not credit assignment.
+    """
+
+    def score(self, prompts, responses, batch_size: int = 0, progress: bool = False) -> torch.Tensor:
+        return torch.tensor([float("e" in r) for r in responses])
+
+
+@pytest.fixture(scope="module")
+def warm_policy():
+    """The tiny model after 60 steps of the SFT warm-up (cached in $STARLING_CACHE, about 20 s to build)."""
+    from starling_lib.sft import SFTConfig, sft_policy_path
+    return str(sft_policy_path(cfg=SFTConfig(steps=60), progress=False))
+
+
+@pytest.mark.parametrize("method", ["apa", "ppo", "p3o"])
+def test_each_online_method_raises_a_learnable_reward(tiny_cfg, warm_policy, method):
+    cfg = dataclasses.replace(tiny_cfg, policy=warm_policy, method=method, reward_model="", steps=16, rollouts_per_step=8,
+                              minibatch_size=4, micro_batch_size=4, max_new_tokens=2, lr=3e-3, beta=0.0,
+                              eval_every=16, eval_prompts=16, eval_samples=8)
+    result = train_policy(cfg, reward_model=LetterReward())
+    before, after = result.eval_details[0], result.eval_details[-1]
+    assert (before["step"], after["step"]) == (0, 16)
+    gain, se = reward_gain(before, after)   # paired by prompt: same prompts, same random numbers
+    # measured: +0.20 to +0.27 (s.e. about 0.05) from 0.47; an untrained policy gains exactly 0
+    assert gain > 0.1 and gain > 2.5 * se, (method, before["reward_mean"], after["reward_mean"], gain, se)

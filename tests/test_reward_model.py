@@ -1,4 +1,5 @@
-"""starling_lib.reward_model: truncation, the last-token head, freezing, LoRA, save/load."""
+"""starling_lib.reward_model, rm_layout and rm_io: truncation, packing, the last-token head, freezing,
+LoRA, save/load."""
 
 from __future__ import annotations
 
@@ -10,26 +11,16 @@ import torch
 from torch import nn
 
 from starling_lib.data import END_OF_TURN, format_chat
-from starling_lib.reward_model import (
-    CONFIG_FILE,
-    RewardModel,
-    build_reward_model,
-    chat_texts,
-    encode_chats,
-    load_reward_model,
-    pack_shared_prompts,
-    pad_right,
-    resolve_backbone,
-    reward_model_dir,
-    save_reward_model,
-    truncate_keep_end,
-)
+from starling_lib.models import quiet_transformers
+from starling_lib.reward_model import RewardModel, build_reward_model, resolve_backbone
+from starling_lib.rm_io import CONFIG_FILE, load_reward_model, reward_model_dir, save_reward_model
+from starling_lib.rm_layout import chat_texts, encode_chats, pack_shared_prompts, pad_right, truncate_keep_end
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_rm():
     return build_reward_model("tiny", max_length=64)
 
 
@@ -66,8 +57,8 @@ def test_chat_texts_concatenate_to_the_full_openchat_conversation():
     assert chat_texts("What is the capital of France?", "Paris.") == (prompt, answer)  # a string is one user turn
 
 
-def test_encode_chats_tokenizes_whole_and_truncates_keeping_the_answer_end(tiny):
-    _, tok = tiny
+def test_encode_chats_tokenizes_whole_and_truncates_keeping_the_answer_end(tiny_rm):
+    _, tok = tiny_rm
     long_prompt = [{"role": "user", "content": "tell me a story " * 40}]
     texts = [chat_texts(MESSAGES, "Paris."), chat_texts(long_prompt, "Once upon a time.")]
     short, cut = encode_chats(tok, [t[0] for t in texts], [t[1] for t in texts], max_length=32)
@@ -104,8 +95,8 @@ def test_head_reads_the_last_non_pad_token_for_right_and_left_padding():
     assert right.tolist() == [7.0, 9.0] and left.tolist() == [7.0, 9.0]
 
 
-def test_rewards_do_not_depend_on_batch_padding(tiny):
-    rm, _ = tiny
+def test_rewards_do_not_depend_on_batch_padding(tiny_rm):
+    rm, _ = tiny_rm
     answers = ["Paris.", "The capital of France is Paris, a city on the Seine with many museums."]
     together = rm.score([MESSAGES] * 2, answers, batch_size=2)
     alone = torch.cat([rm.score([MESSAGES], [a], batch_size=1) for a in answers])
@@ -113,8 +104,8 @@ def test_rewards_do_not_depend_on_batch_padding(tiny):
     assert together[0] != together[1]
 
 
-def test_tiny_backbone_drops_the_lm_head_and_adds_a_scalar_head(tiny):
-    rm, tok = tiny
+def test_tiny_backbone_drops_the_lm_head_and_adds_a_scalar_head(tiny_rm):
+    rm, tok = tiny_rm
     assert type(rm.backbone).__name__ == "MistralModel"           # the body only
     assert rm.head.weight.shape == (1, rm.backbone.config.hidden_size)
     assert rm.backbone.config.pad_token_id == tok.pad_token_id
@@ -129,7 +120,7 @@ def test_unfrozen_layers_trains_only_the_top_blocks_the_final_norm_and_the_head(
     assert not any(n.startswith(("backbone.layers.0.", "backbone.layers.2.", "backbone.embed")) for n in trainable)
     head_only, _ = build_reward_model("tiny", unfrozen_layers=0)
     assert {n for n, p in head_only.named_parameters() if p.requires_grad} == {"head.weight"}
-    with pytest.raises(ValueError, match="has 4 blocks"):
+    with pytest.raises(ValueError, match="top 5 layers: the model has 4"):
         build_reward_model("tiny", unfrozen_layers=5)
 
 
@@ -148,13 +139,12 @@ def test_lora_trains_adapters_and_head_and_saves_a_merged_plain_model(tmp_path):
     assert torch.allclose(rm.score([MESSAGES], ["Paris."]), before)  # the live model kept its adapters
 
 
-def test_a_sequence_classifier_is_adopted_with_its_score_head(tiny):
+def test_a_sequence_classifier_is_adopted_with_its_score_head(tiny_rm):
     from transformers import AutoModelForSequenceClassification
 
     from starling_lib.models import tiny_model_path
-    from starling_lib.reward_model import quiet_transformers
 
-    _, tok = tiny
+    _, tok = tiny_rm
     with quiet_transformers():
         seqcls = AutoModelForSequenceClassification.from_pretrained(tiny_model_path(), num_labels=1)
     seqcls.config.pad_token_id = tok.pad_token_id
@@ -168,8 +158,8 @@ def test_a_sequence_classifier_is_adopted_with_its_score_head(tiny):
 # saving, loading, errors
 
 
-def test_save_and_load_round_trip(tiny, tmp_path):
-    rm, _ = tiny
+def test_save_and_load_round_trip(tiny_rm, tmp_path):
+    rm, _ = tiny_rm
     path = save_reward_model(rm, tmp_path / "rm", extra={"note": "test"})
     info = json.loads((path / CONFIG_FILE).read_text())
     assert info["backbone"] == "tiny" and info["max_length"] == 64 and info["note"] == "test"
@@ -255,7 +245,8 @@ FSDP2_PACKED_SCRIPT = """
 import copy, warnings, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from starling_lib.models import decoder_layers
-from starling_lib.reward_model import build_reward_model, chat_texts, encode_chats, pack_shared_prompts
+from starling_lib.reward_model import build_reward_model
+from starling_lib.rm_layout import chat_texts, encode_chats, pack_shared_prompts
 dist.init_process_group("gloo", rank=0, world_size=1)
 rm, tok = build_reward_model("tiny", max_length=64)
 texts = [chat_texts(p, a) for p, answers in [("Say hi", ["hi", "hello there", "no"]),

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 import torch
 
-from starling_lib.reward_model import load_reward_model, reward_model_dir
+from starling_lib.rm_io import load_reward_model, reward_model_dir
 
 pytestmark = pytest.mark.slow
 

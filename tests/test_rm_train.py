@@ -1,4 +1,5 @@
-"""starling_lib.rm_train: the batch schedule, micro-batches, configs, resume, two processes, TRL baseline."""
+"""starling_lib.rm_train: the batch schedule, micro-batches, configs, training that learns, resume, two
+processes, TRL baseline."""
 
 from __future__ import annotations
 
@@ -9,23 +10,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from starling_lib.data import load_nectar, to_kwise
 from starling_lib.losses import pairwise_split_loss
-from starling_lib.reward_model import build_reward_model, chat_texts, encode_chats, load_reward_model
+from starling_lib.reward_model import build_reward_model
+from starling_lib.rm_eval import evaluate_rankings
+from starling_lib.rm_io import load_reward_model
+from starling_lib.rm_layout import chat_texts, encode_chats
 from starling_lib.rm_train import (
     RMTrainConfig,
-    batch_indices,
     collate_rankings,
     load_config,
+    load_rankings,
     pairs_dataset,
     sub_ranking,
     train_pairwise_baseline,
     train_reward_model,
 )
+from starling_lib.training import batch_indices
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,6 +150,45 @@ def test_training_logs_evaluates_and_saves(straight):
     assert json.loads((straight.model_dir / "reward_model.json").read_text())["steps_done"] == 4
     untrained = build_reward_model("tiny")[0].backbone.state_dict()
     assert not torch.equal(straight.model.backbone.state_dict()["norm.weight"], untrained["norm.weight"])
+
+
+def keyword_rankings(path: Path, prompts: int = 64, k: int = 4, seed: int = 0) -> Path:
+    """Nectar-format rankings with a known reward: an answer's reward is how often it says "great".
+
+    Each answer is 8 words; the rank-r answer (1 = best) holds k - r "great"s among filler words,
+    so every answer has the same length and only the keyword orders them. Written as .jsonl.
+    """
+    filler = "the a of and to in is it that was for on with as be at by this from or".split()
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(prompts):
+        answers = []
+        for rank in range(1, k + 1):
+            words = list(rng.choice(filler, 8 - (k - rank))) + ["great"] * (k - rank)
+            rng.shuffle(words)
+            answers.append({"answer": " ".join(words), "model": "synthetic", "rank": float(rank)})
+        records.append({"prompt": f"\n\nHuman: Tell me something, question {i}.\n\nAssistant: ",
+                        "answers": [answers[j] for j in rng.permutation(k)],   # not stored best first
+                        "turns": 1, "num_responses": k, "source": ["synthetic"], "good_natured": True})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_training_learns_a_known_reward(tmp_path):
+    """On rankings ordered by a keyword count, the trained model orders held-out answers almost
+    perfectly, where the untrained one (the same initialisation) is near chance."""
+    cfg = RMTrainConfig(nectar_source=str(keyword_rankings(tmp_path / "keyword.jsonl")), test_fraction=0.25, k=4,
+                        steps=30, batch_size=4, micro_batch_size=4, lr=1e-3, max_length=48, eval_every=30,
+                        device="cpu", progress=False, seed=0)
+    heldout = load_rankings(cfg)["test"]
+    assert len(heldout) >= 10                                     # >= 60 held-out pairs
+    untrained = build_reward_model("tiny", max_length=cfg.max_length, seed=cfg.seed)[0]
+    before = evaluate_rankings(untrained, heldout)["pair_accuracy"]
+    result = train_reward_model(cfg)
+    after = evaluate_rankings(result.model, heldout)["pair_accuracy"]
+    assert before < 0.7, before                                   # nothing learnt yet: about chance
+    assert after > 0.9 and after > before + 0.25, (before, after)
+    assert result.history[-1]["rm/heldout_pair_accuracy"] == pytest.approx(after)   # the trainer's own evaluation
 
 
 def test_packed_and_padded_layouts_train_alike(straight):

@@ -5,19 +5,13 @@ import copy
 import pytest
 import torch
 
-from starling_lib.models import count_parameters, load_model_and_tokenizer, position_ids_from_mask
+from starling_lib.models import count_parameters, position_ids_from_mask
 from starling_lib.rollout import SharedTrunkPolicy, generate, logprobs_from_logits, per_token_rewards
 
 PROMPTS = [[{"role": "user", "content": "Hello"}],
            [{"role": "user", "content": "Can you tell me the functions of the Federal Reserve?"}],
            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
             {"role": "user", "content": "Write a haiku about rain."}]]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = load_model_and_tokenizer("tiny", device="cpu", num_hidden_layers=4)
-    return model, tok
 
 
 def full_logprobs(model, batch):

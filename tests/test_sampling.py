@@ -7,15 +7,8 @@ import pytest
 import torch
 
 from starling_lib.chat import stop_token_ids
-from starling_lib.models import load_model_and_tokenizer
 from starling_lib.rollout import generate
 from starling_lib.sampling import filter_logits, sample, supports_fast_sampling
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = load_model_and_tokenizer("tiny", device="cpu", num_hidden_layers=4)
-    return model.eval(), tok
 
 
 def left_padded(tok, n=3, seed=0):
@@ -41,7 +34,7 @@ def test_greedy_tokens_equal_generate(tiny, attn):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_greedy_tokens_equal_generate_in_the_policys_mixed_precision(tiny, attn):
-    """As policy._load_policy holds the 7B: frozen layers in bf16, the trained top layers in float32,
+    """As policy.online.load_policy holds the 7B: frozen layers in bf16, the trained top layers in float32,
     run under bf16 autocast. bf16 rounds coarsely, so any difference in arithmetic shows as tokens."""
     model, tok = tiny
     model = copy.deepcopy(model).to(torch.bfloat16)

@@ -16,7 +16,7 @@ The same `PolicyTrainConfig` as the online trainer, read as follows:
 - `dpo_beta` is DPO's beta; sequences are cut to `dpo_max_length` tokens (TRL's keep_start);
 - the reference is the initial policy (a separate frozen copy, TRL's way);
 - evaluation: the trained policy is wrapped with the initial policy as its reference
-  (`policy.policy_with_reference`) and evaluated by `policy.evaluate_policy` on the same held-out
+  (`evaluate.policy_with_reference`) and evaluated by `evaluate.evaluate_policy` on the same held-out
   prompts with the same seed, so its reward and KL compare like with like with the online methods.
   Evaluations happen before and after training only (TRL owns the loop).
 
@@ -32,23 +32,23 @@ from pathlib import Path
 
 import torch
 
-from starling_lib.policy import (PolicyTrainConfig, PolicyTrainResult, eval_settings, evaluate_policy, load_prompts,
-                                 policy_with_reference, resolve_policy, save_policy)
+from starling_lib.data import to_pairs, to_trl_preference
+from starling_lib.models import load_model_and_tokenizer, train_top_layers
+from starling_lib.policy.config import PolicyTrainConfig, PolicyTrainResult
+from starling_lib.policy.evaluate import eval_settings, evaluate_policy, policy_with_reference
+from starling_lib.policy.io import save_policy
+from starling_lib.policy.prompts import load_prompts, nectar_split, prompt_fits, resolve_policy
+from starling_lib.rm_io import load_reward_model
+from starling_lib.training import mixed_precision
 
 
 def dpo_dataset(cfg: PolicyTrainConfig, tokenizer):
     """TRL's conversational preference rows (prompt / chosen / rejected messages) for `cfg`'s budget."""
     import numpy as np
 
-    from starling_lib.data import load_nectar, prompt_to_messages, split_by_prompt, to_pairs, to_trl_preference
-
-    train = split_by_prompt(load_nectar(cfg.nectar_source, limit=cfg.max_prompts or None),
-                            test_fraction=cfg.test_fraction, seed=cfg.seed)["train"]
-    texts = [tokenizer.apply_chat_template(prompt_to_messages(p), tokenize=False, add_generation_prompt=True)
-             for p in train["prompt"]]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    train = train.select([i for i, n in enumerate(lengths) if n <= cfg.max_prompt_tokens])
-    pairs = to_pairs(train)
+    train = nectar_split(cfg)["train"]
+    fits = prompt_fits(tokenizer, list(train["prompt"]), cfg.max_prompt_tokens)
+    pairs = to_pairs(train.select([i for i, ok in enumerate(fits) if ok]))
     wanted = cfg.steps * cfg.rollouts_per_step // 2
     rng = np.random.default_rng([cfg.seed, 4])
     # Without replacement while the pairs last; a budget beyond them repeats pairs in a fresh order.
@@ -56,18 +56,14 @@ def dpo_dataset(cfg: PolicyTrainConfig, tokenizer):
     return to_trl_preference(pairs.select(order.tolist()))
 
 
-def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None) -> PolicyTrainResult:
+def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_model=None) -> PolicyTrainResult:
     """DPO with TRL from the initial policy, then the same held-out evaluation as the online methods."""
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from starling_lib.models import load_model_and_tokenizer
-    from starling_lib.reward_model import load_reward_model
-    from starling_lib.training import mixed_precision
-
     if stop_after is not None:
         raise NotImplementedError("stop_after is not supported for DPO (TRL owns the loop)")
-    if not cfg.reward_model:
+    if not cfg.reward_model and reward_model is None:
         raise ValueError("reward_model is empty: DPO does not train on it, but it is evaluated with it")
     initial_path = resolve_policy(cfg.policy)
     precision = mixed_precision(cfg)
@@ -75,10 +71,7 @@ def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None) -> PolicyTr
     # float32 master weights; the Trainer's autocast runs the forward in bf16 when asked.
     model, tokenizer = load_model_and_tokenizer(initial_path, device="cpu", dtype=torch.float32)
     ref_model, _ = load_model_and_tokenizer(initial_path, device="cpu", dtype=torch.float32)
-    layers = model.model.layers
-    model.requires_grad_(False)
-    for layer in layers[len(layers) - cfg.unfrozen_layers:]:
-        layer.requires_grad_(True)
+    train_top_layers(model, cfg.unfrozen_layers)
     ref_model.requires_grad_(False)
 
     train = dpo_dataset(cfg, tokenizer)
@@ -100,8 +93,9 @@ def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None) -> PolicyTr
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when tqdm is off
 
-    reward_model = load_reward_model(cfg.reward_model, device=trainer.args.device,
-                                     dtype=torch.bfloat16 if precision == "bf16" else None)
+    if reward_model is None:
+        reward_model = load_reward_model(cfg.reward_model, device=trainer.args.device,
+                                         dtype=torch.bfloat16 if precision == "bf16" else None)
     _, eval_prompts = load_prompts(cfg, tokenizer)
     eval_kwargs = eval_settings(cfg)
     evals, eval_details, eval_s = [], [], 0.0

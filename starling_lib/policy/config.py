@@ -1,0 +1,232 @@
+"""The policy-tuning run's settings and what a run returns: PolicyTrainConfig, PolicyTrainResult.
+
+One config drives every method (APA, PPO, P3O online; DPO offline), so that the four start from
+the same initial policy with the same budget of sequences and optimizer steps, and are evaluated
+the same way. Each field's docstring gives Starling's own value where it differs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from starling_lib.training import TrainConfig
+
+METHODS = ("apa", "ppo", "p3o", "dpo")
+INITIAL_POLICY = "sft-tiny"           # name of the embedded default's initial policy (see prompts.resolve_policy)
+
+
+@dataclass
+class PolicyTrainConfig(TrainConfig):
+    """One policy-tuning run. Every field can be set from a YAML file or `--set key=value`."""
+
+    policy: str = INITIAL_POLICY
+    """Initial policy: "sft-tiny" (the tiny model after the cached SFT warm-up, starling_lib.sft),
+    a hub id such as "openchat/openchat_3.5", or a local from_pretrained folder."""
+
+    reward_model: str = ""
+    """Folder of a reward model saved by notebook 03 / rm_train (`rm_io.load_reward_model`)."""
+
+    method: str = "apa"
+    """"apa", "ppo", "p3o" (online, policy.online) or "dpo" (offline, TRL's DPOTrainer, policy.dpo)."""
+
+    nectar_source: str = "bundled"
+    """Where the prompts (and DPO's pairs) come from: "bundled", "berkeley-nest/Nectar" or a file."""
+
+    max_prompts: int = 0
+    """Read at most this many Nectar records; 0 reads all."""
+
+    test_fraction: float = 0.1
+    """Share of prompts held out for evaluation, split as in notebooks 01 and 03 (so the reward
+    model never trained on the evaluation prompts)."""
+
+    max_prompt_tokens: int = 64
+    """Prompts longer than this (in the chat format) are skipped. Starling: 1024."""
+
+    steps: int = 32
+    """Optimisation steps: each samples `rollouts_per_step` responses and trains on them."""
+
+    rollouts_per_step: int = 8
+    """Responses sampled per step over all processes. APA/PPO: one per prompt; P3O: two per prompt
+    for half as many prompts, so every method generates the same number of responses. Starling: 64."""
+
+    minibatch_size: int = 4
+    """Responses per optimizer step over all processes: ceil(rollouts_per_step / minibatch_size)
+    optimizer steps per epoch, the last one on what is left. Starling: 28 (its "batch 28")."""
+
+    micro_batch_size: int = 4
+    """Responses per forward/backward on one device; gradient accumulation makes up the minibatch."""
+
+    epochs_per_batch: int = 2
+    """Passes over each rollout batch (PPO's epochs). Starling: 2."""
+
+    max_new_tokens: int = 32
+    """Most tokens per response. Starling: 1024."""
+
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (and of the evaluation samples)."""
+
+    top_p: float = 1.0
+    """Nucleus sampling mass of the rollouts."""
+
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 samples from the whole vocabulary, the
+    distribution the losses score (as TRL does; `generate`'s own default would be 50)."""
+
+    rollout_engine: str = "auto"
+    """How rollouts are sampled: "fast" (starling_lib.sampling: a preallocated KV cache, about 2x
+    `generate` on the tiny model), "hf" (`model.generate`), "auto" (fast where supported)."""
+
+    lr: float = 2e-4
+    """AdamW learning rate of the trainable layers and the value head. Starling (APA, 7B): 2e-7; the
+    tiny model barely moves at that, and at 1e-4 gains about half as much reward in 32 steps (measured)."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    warmup_steps: int = 0
+    """Linear warm-up steps (in training steps, not optimizer steps)."""
+
+    lr_schedule: str = "constant"
+    """After warm-up: "constant", "linear" or "cosine" (to 0 at the last step)."""
+
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm of each optimizer step to this; 0 disables clipping."""
+
+    unfrozen_layers: int = 2
+    """Top decoder layers trained (and duplicated as the frozen reference). Starling: 4 of 32;
+    the tiny model has 4 layers."""
+
+    score_norm: str = "center"
+    """What the RM scores go through before they become rewards: "none"; "center" (subtract the
+    rollout batch's mean: a baseline, so the critic that starts at zero is not off by the reward
+    model's offset); "whiten" (also divide by the batch's standard deviation). Ours; P3O only
+    sees score differences, so "center" changes nothing there."""
+
+    beta: float = 0.05
+    """KL penalty coefficient of PPO's per-token reward and of P3O's per-response reward (APA has none)."""
+
+    lam: float = 0.1
+    """APA's lambda: the loss pulls log(pi / pi_init) towards A / lam (the APA authors' and Starling's 0.1)."""
+
+    clip_eps: float = 0.2
+    """PPO / P3O ratio clipping range."""
+
+    clip_eps_v: float = 0.2
+    """Value clipping range (PPO and APA critics)."""
+
+    vf_coef: float = 0.1
+    """Weight of the value loss next to the policy loss (PPO, APA)."""
+
+    gamma: float = 1.0
+    """GAE discount."""
+
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+
+    whiten_advantages: bool = True
+    """Normalise the advantages of each rollout batch to zero mean, unit variance (PPO, APA)."""
+
+    kl_estimator: str = "k1"
+    """Per-token KL estimate in the rewards: "k1" (log ratio) or "k3" (non-negative)."""
+
+    p3o_variant: str = "joint"
+    """P3O clipping: "joint" (one ratio for the pair) or "separate" (a ratio per response)."""
+
+    dpo_beta: float = 0.1
+    """DPO's beta (method "dpo" only)."""
+
+    dpo_max_length: int = 0
+    """DPO: tokens kept of prompt + answer (the answer's end is cut); 0 means max_prompt_tokens + max_new_tokens."""
+
+    eval_every: int = 0
+    """Evaluate on the held-out prompts every this many steps, before the first and after the last; 0 never."""
+
+    eval_prompts: int = 0
+    """Held-out prompts in each evaluation; 0 all of them (within max_prompt_tokens)."""
+
+    eval_samples: int = 4
+    """Responses per held-out prompt in each evaluation (sampled at `temperature` with a fixed seed)."""
+
+    eval_batch_size: int = 32
+    """Responses per generate() call in evaluation."""
+
+    mixed_precision: str = "auto"
+    """"auto": what `accelerate launch` was told, else bf16 on a GPU that has it, else "no"; or
+    "no", "bf16", "fp16". On a GPU the frozen weights load in bf16 and the trained ones stay float32."""
+
+    device: str = "auto"
+    """"auto" (a GPU when there is one), "cpu" or "cuda"."""
+
+    seed: int = 0
+    """Seed of the split, the prompt order, the sampling and the minibatch order."""
+
+    output_dir: str = ""
+    """Checkpoints go to output_dir/checkpoints/, the tuned policy to output_dir/policy/ (a
+    from_pretrained folder). "" keeps nothing on disk."""
+
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps; 0 never. Needs output_dir."""
+
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept; older ones are deleted."""
+
+    resume: bool = True
+    """Continue from the latest checkpoint in output_dir if there is one (same config required)."""
+
+    save_policy: bool = True
+    """Save the tuned policy to output_dir/policy/ at the end (when output_dir is set)."""
+
+    progress: bool = True
+    """Show a progress bar over rollout batches."""
+
+    # Fields that do not change the trained weights: a checkpoint may be resumed under new values.
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = (
+        "output_dir", "checkpoint_every", "keep_checkpoints", "resume", "save_policy", "progress",
+        "eval_every", "eval_prompts", "eval_samples", "eval_batch_size")
+
+    def __post_init__(self):
+        self.check_choices(method=METHODS, kl_estimator=("k1", "k3"), score_norm=("none", "center", "whiten"),
+                           rollout_engine=("auto", "fast", "hf"), p3o_variant=("joint", "separate"))
+        if not 0 < self.micro_batch_size <= self.minibatch_size <= self.rollouts_per_step:
+            raise ValueError(f"need micro_batch_size <= minibatch_size <= rollouts_per_step, got {self.micro_batch_size}, "
+                             f"{self.minibatch_size}, {self.rollouts_per_step}")
+        if self.method == "p3o" and (self.rollouts_per_step % 2 or self.minibatch_size % 2 or self.micro_batch_size % 2):
+            raise ValueError("P3O trains on pairs of responses: rollouts_per_step, minibatch_size and "
+                             "micro_batch_size must be even")
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """Responses per prompt in a rollout batch: 2 for P3O (a pair), else 1."""
+        return 2 if self.method == "p3o" else 1
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        """Optimizer steps per training step: epochs x minibatches per rollout batch (the last may be partial)."""
+        return self.epochs_per_batch * math.ceil(self.rollouts_per_step / self.minibatch_size)
+
+
+@dataclass
+class PolicyTrainResult:
+    """What a policy-tuning run returns (online or DPO)."""
+
+    policy: Any                # the SharedTrunkPolicy (unwrapped): .model is the tuned causal LM
+    tokenizer: Any
+    history: list[dict]        # one dict per step: step and policy/<method>/<metric> keys
+    evals: list[dict]          # one dict per evaluation: step and policy/<method>/eval_<metric> keys
+    wall_s: float              # seconds spent training in this run (evaluations excluded)
+    eval_s: float              # seconds spent evaluating
+    steps_run: int             # steps done in this run (fewer than cfg.steps after a resume)
+    config: PolicyTrainConfig
+    policy_dir: Path | None = None
+    extra: dict = field(default_factory=dict)
+    eval_details: list[dict] = field(default_factory=list)   # evaluate_policy's full output, this run's evaluations
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> PolicyTrainConfig:
+    """A PolicyTrainConfig from a YAML file of fields and `key=value` overrides (unknown keys are errors)."""
+    from starling_lib.runs import load_dataclass_config
+    return load_dataclass_config(PolicyTrainConfig, path, overrides)

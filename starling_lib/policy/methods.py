@@ -1,0 +1,136 @@
+"""APA, PPO and P3O, one block each: what a method makes of a scored rollout batch, and its loss.
+
+The online loop (policy.online) is the same for the three methods: sample, score, one no-grad
+forward for the old / reference log-probs and values, then epochs of minibatch updates. What
+differs is here, each method readable top to bottom:
+
+    targets(cfg, b) -> the tensors its loss reads (advantages and returns, or the pair's reward
+                       difference), one row per response, and stats to log
+    loss(cfg, out, mb) -> (loss, stats) of one micro-batch
+
+`b` holds the rollout batch, one row per response (B rows, R response positions):
+    mask (B, R)          response tokens (not padding)
+    old_logprobs (B, R)  log pi_old of each token (the policy that sampled it)
+    ref_logprobs (B, R)  log pi_init (the frozen reference)
+    kl (B, R)            per-token KL penalty estimate (cfg.kl_estimator), zero off the mask
+    scores (B,)          reward-model scores after `normalize_scores`
+    values (B, R)        the critic's values (APA and PPO only)
+`out` is the policy's forward on a micro-batch (logprobs, and values for APA / PPO); `mb` is `b`
+plus the targets, restricted to the micro-batch's rows.
+
+Departures from the papers and the authors' code (also in PolicyTrainConfig's field docs):
+- PPO's and APA's critic is a value head on the policy's last hidden state (it shares the
+  trainable top layers), with PPO's clipped value loss (clip_eps_v) and vf_coef 0.1;
+- advantages are whitened per process and per rollout batch, masked;
+- P3O's KL enters as a per-response penalty fixed at rollout time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from starling_lib.losses import (apa_loss, gae, kl_penalty, masked_mean, masked_whiten, p3o_loss, ppo_policy_loss,
+                                 ppo_value_loss)
+from starling_lib.policy.config import PolicyTrainConfig
+from starling_lib.rollout import per_token_rewards
+
+Tensors = dict[str, torch.Tensor]
+
+
+def normalize_scores(scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """Reward-model scores (B,) of one rollout batch: as they are ("none"), minus their mean
+    ("center"), or standardised ("whiten")."""
+    if kind == "none":
+        return scores
+    centered = scores - scores.mean()
+    if kind == "center":
+        return centered
+    return centered / (scores.std() + 1e-8) if len(scores) > 1 else centered
+
+
+def _gae_targets(cfg: PolicyTrainConfig, b: Tensors, b_rewards: torch.Tensor) -> Tensors:
+    """Advantages (whitened if asked) and returns by GAE from per-token rewards (B, R)."""
+    b_advantages, b_returns = gae(b_rewards, b["values"], b["mask"], cfg.gamma, cfg.gae_lambda)
+    if cfg.whiten_advantages:
+        b_advantages = masked_whiten(b_advantages, b["mask"])
+    return {"advantages": b_advantages, "returns": b_returns}
+
+
+def _value_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tuple[torch.Tensor, dict]:
+    return ppo_value_loss(out["values"], mb["values"], mb["returns"], mb["mask"], cfg.clip_eps_v)
+
+
+# --------------------------------------------------------------------------------------------
+# APA (Zhu et al. 2023, Starling's choice): pull log(pi / pi_init) towards A / lam.
+# The loss itself anchors the policy to pi_init, so the reward carries no KL term.
+
+
+def apa_targets(cfg: PolicyTrainConfig, b: Tensors) -> tuple[Tensors, dict]:
+    b_rewards = per_token_rewards(b["scores"], b["kl"], b["mask"], beta=0.0)   # the RM score on the last token
+    return _gae_targets(cfg, b, b_rewards), {}
+
+
+def apa_minibatch_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tuple[torch.Tensor, dict]:
+    pg_loss, stats = apa_loss(out["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["mask"], cfg.lam)
+    with torch.no_grad():  # how far this update has moved from the rollout policy
+        stats["approx_kl"] = masked_mean(kl_penalty(mb["old_logprobs"], out["logprobs"], "k3"), mb["mask"])
+    vf_loss, vf_stats = _value_loss(cfg, out, mb)
+    return pg_loss + cfg.vf_coef * vf_loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                                              **stats, **vf_stats}
+
+
+# --------------------------------------------------------------------------------------------
+# PPO (Schulman et al. 2017; Ziegler et al. 2019's RLHF form): the clipped surrogate, with the
+# KL to pi_init folded into the per-token reward.
+
+
+def ppo_targets(cfg: PolicyTrainConfig, b: Tensors) -> tuple[Tensors, dict]:
+    b_rewards = per_token_rewards(b["scores"], b["kl"], b["mask"], beta=cfg.beta)   # score - beta * KL_t
+    return _gae_targets(cfg, b, b_rewards), {"non_score_reward": -cfg.beta * b["kl"].sum(-1).mean()}
+
+
+def ppo_minibatch_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tuple[torch.Tensor, dict]:
+    pg_loss, stats = ppo_policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"], mb["mask"], cfg.clip_eps)
+    vf_loss, vf_stats = _value_loss(cfg, out, mb)
+    return pg_loss + cfg.vf_coef * vf_loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                                              **stats, **vf_stats}
+
+
+# --------------------------------------------------------------------------------------------
+# P3O (Wu et al. 2023): two responses per prompt; the pairwise clipped objective on the
+# difference of their KL-penalised rewards; no critic. Rows come in pairs, first response first.
+
+
+def p3o_targets(cfg: PolicyTrainConfig, b: Tensors) -> tuple[Tensors, dict]:
+    b_seq_rewards = b["scores"] - cfg.beta * b["kl"].sum(-1)                   # (B,) r_i = RM(y_i) - beta KL_i
+    # (B,) with each pair's r_1 - r_2 on both of its rows; the loss reads it from the first.
+    return {"reward_diff": (b_seq_rewards[0::2] - b_seq_rewards[1::2]).repeat_interleave(2)}, {}
+
+
+def p3o_minibatch_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tuple[torch.Tensor, dict]:
+    lp, old, mask = out["logprobs"], mb["old_logprobs"], mb["mask"]
+    loss, stats = p3o_loss(lp[0::2], old[0::2], mask[0::2], lp[1::2], old[1::2], mask[1::2],
+                           mb["reward_diff"][0::2], cfg.clip_eps, cfg.p3o_variant)
+    return loss, {"policy_loss": loss.detach(), **stats}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OnlineMethod:
+    """An online method as the loop sees it."""
+
+    targets: Callable[[PolicyTrainConfig, Tensors], tuple[Tensors, dict]]
+    loss: Callable[[PolicyTrainConfig, Tensors, Tensors], tuple[torch.Tensor, dict]]
+    critic: bool   # whether it has a value head (its rollout forward computes values)
+
+
+ONLINE_METHODS = {
+    "apa": OnlineMethod(apa_targets, apa_minibatch_loss, critic=True),
+    "ppo": OnlineMethod(ppo_targets, ppo_minibatch_loss, critic=True),
+    "p3o": OnlineMethod(p3o_targets, p3o_minibatch_loss, critic=False),
+}

@@ -1,0 +1,268 @@
+"""The online policy-tuning loop (APA, PPO, P3O): rollout, score, targets, minibatch updates.
+
+Starling-LM-7B-alpha is Openchat-3.5 tuned online against Starling-RM-7B-alpha with APA, only
+its last 4 layers unfrozen. No RLHF library ships APA or P3O (and TRL 1.16 no longer ships PPO),
+so this module is the trainer, written top to bottom; what the methods do differently is in
+policy.methods, one block each:
+
+  for each step:
+      take the step's prompts (a function of the seed and the step; policy.prompts)
+      sample one response per prompt (P3O: two per prompt, half the prompts), score each with the RM
+      one no-grad forward of the SharedTrunkPolicy: log-probs under the policy (the "old" ones of
+          PPO's ratio) and under the reference (the initial policy), values, entropy
+      per-token KL to the reference; the method's targets (advantages, or P3O's reward difference)
+      for each of `epochs_per_batch` epochs, for each shuffled minibatch (one optimizer step,
+      its gradient accumulated over micro-batches): the method's loss
+      log reward, KL to the initial policy, entropy, response length, clip fraction, value loss
+
+In a notebook (one device):
+
+    result = train_policy(PolicyTrainConfig(method="apa", reward_model=str(rm_dir), eval_every=8))
+
+On many GPUs (accelerate; DDP is the natural fit, as only the top layers train):
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m starling_lib.policy configs/policy/starling_apa_7b.yaml
+
+Checkpoints (`checkpoint_every`) hold the model, optimizer, scheduler and RNG states
+(`accelerator.save_state`, training.save_checkpoint); the prompts and the sampling seed of a step
+are functions of (seed, step), so a resumed run ends with the same weights as an uninterrupted one.
+
+Departures from the papers and Starling (all documented in PolicyTrainConfig too):
+- the reference shares the trunk with the policy (rollout.SharedTrunkPolicy), and the value head
+  sits on the policy's last hidden state (PPO's critic shares the trainable layers);
+- advantages are whitened per process (not over all processes) and per rollout batch;
+- the reward model scores each response as a finished turn (`<|end_of_turn|>` appended) even
+  when it was cut at max_new_tokens; no penalty for a missing end of turn;
+- prompts longer than `max_prompt_tokens` are skipped, not truncated;
+- dropout is off throughout (the policy stays in eval mode), as in TRL;
+- reported KL is the k3 estimator summed over a response's tokens (non-negative, unbiased);
+  the penalty uses `kl_estimator` (k1 by default, as Ziegler et al. and TRL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+from starling_lib.losses import kl_penalty, masked_mean
+from starling_lib.models import load_model_and_tokenizer
+from starling_lib.policy.config import PolicyTrainConfig, PolicyTrainResult
+from starling_lib.policy.evaluate import ended_with_stop, eval_settings, evaluate_policy
+from starling_lib.policy.io import save_policy
+from starling_lib.policy.methods import ONLINE_METHODS, normalize_scores
+from starling_lib.policy.prompts import load_prompts, resolve_policy, step_prompts
+from starling_lib.rm_io import load_reward_model
+from starling_lib.rollout import SharedTrunkPolicy, generate, iterate_minibatches
+from starling_lib.training import lr_lambda, make_accelerator, resume_point, save_checkpoint
+
+
+def check_not_fsdp(accelerator) -> None:
+    """Refuse FSDP for policy tuning, with the reason, before a 7B model is loaded.
+
+    Rollouts and evaluation call the policy's inner causal LM (`model.generate`, or the sampler),
+    outside the forward of the wrapping SharedTrunkPolicy. Under FSDP the embeddings, final norm
+    and lm_head belong to that root unit and stay sharded there, so the first rollout would fail
+    with "mixed torch.Tensor and DTensor". DDP needs no sharding here: with 4 of 32 layers trained,
+    a 7B policy, its reference layers and the optimizer state fit on one 80 GB GPU per process.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("policy tuning does not run under FSDP (rollouts call the inner model, whose "
+                         "embeddings and lm_head the root FSDP unit keeps sharded); launch it with "
+                         "configs/accelerate/ddp.yaml")
+
+
+def policy_accelerator(cfg: PolicyTrainConfig):
+    """training.make_accelerator, then the checks of this trainer: no FSDP, batches that split into the processes."""
+    accelerator = make_accelerator(cfg)
+    check_not_fsdp(accelerator)
+    n, unit = accelerator.num_processes, cfg.samples_per_prompt
+    if cfg.rollouts_per_step % (n * unit) or cfg.minibatch_size % (n * unit):
+        raise ValueError(f"rollouts_per_step={cfg.rollouts_per_step} and minibatch_size={cfg.minibatch_size} must "
+                         f"split evenly into {n} process(es)" + (" (in pairs, for P3O)" if unit == 2 else ""))
+    return accelerator
+
+
+def load_policy(cfg: PolicyTrainConfig, device: torch.device) -> tuple[SharedTrunkPolicy, object]:
+    """(SharedTrunkPolicy, tokenizer): frozen weights in the device's default dtype (bf16 on a GPU),
+    the trained layers and the value head in float32 (the optimizer's master weights)."""
+    model, tokenizer = load_model_and_tokenizer(resolve_policy(cfg.policy), device=device)
+    with torch.random.fork_rng(devices=[]):
+        policy = SharedTrunkPolicy(model, cfg.unfrozen_layers, value_head=ONLINE_METHODS[cfg.method].critic)
+    for layer in policy.model.model.layers[policy.split:]:
+        layer.float()
+    return policy.eval(), tokenizer
+
+
+def _chunks(indices: torch.Tensor, size: int):
+    for i in range(0, len(indices), size):
+        yield indices[i:i + size]
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    # Sampling of step `step` on process `rank`: reproducible after a resume, different per process.
+    return (seed * 1_000_003 + step * 7919 + rank) % (2**31 - 1)
+
+
+def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_model=None) -> PolicyTrainResult:
+    """Tune the initial policy against the reward model with APA, PPO or P3O as `cfg` says;
+    resume from a checkpoint if there is one.
+
+    stop_after: end this run after that many steps in total (as if interrupted), for the resume
+        test and time-boxed jobs; a later call with the same config continues.
+    reward_model: a scorer to use instead of loading `cfg.reward_model`: anything with
+        `score(prompts, responses, batch_size=...) -> (B,) tensor`, such as a rule-based reward
+        (it is not part of the checkpoint fingerprint: resume with the same one).
+    """
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    if cfg.method not in ONLINE_METHODS:
+        raise ValueError(f"train_online runs {sorted(ONLINE_METHODS)}, not {cfg.method!r} (see policy.train_policy)")
+    if not cfg.reward_model and reward_model is None:
+        raise ValueError("reward_model is empty: give the folder of a saved reward model (notebook 03's output)")
+    method = cfg.method
+    algo = ONLINE_METHODS[method]
+    latest, resume_state = resume_point(cfg)
+
+    accelerator = policy_accelerator(cfg)
+    set_seed(cfg.seed)
+    device = accelerator.device
+    with accelerator.main_process_first():  # the SFT warm-up / hub download, once
+        policy, tokenizer = load_policy(cfg, device)
+    if reward_model is None:
+        reward_model = load_reward_model(cfg.reward_model, device=device,
+                                         dtype=torch.bfloat16 if device.type == "cuda" else None)
+    train_prompts, eval_prompts = load_prompts(cfg, tokenizer)
+
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))   # steps once per training step
+    accelerator.register_for_checkpointing(scheduler)
+    unwrapped = accelerator.unwrap_model(policy)
+
+    start_step, history, evals = 0, [], []
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        start_step, history, evals = resume_state["step"], resume_state["history"], resume_state["evals"]
+        accelerator.print(f"resumed from {latest} at step {start_step}")
+
+    rank, n_proc = accelerator.process_index, accelerator.num_processes
+    unit = cfg.samples_per_prompt                     # rows per training unit: a response, or P3O's pair
+    units_per_minibatch = cfg.minibatch_size // n_proc // unit
+    units_per_micro = cfg.micro_batch_size // unit
+    eval_s, eval_details = 0.0, []
+
+    def run_eval(step: int) -> None:
+        nonlocal eval_s
+        t = time.perf_counter()
+        e = evaluate_policy(unwrapped, tokenizer, reward_model, eval_prompts, **eval_settings(cfg),
+                            autocast=accelerator.autocast)
+        if not any(r["step"] == step for r in evals):   # a run resumed at its end has this record already
+            evals.append({"step": step, **{f"policy/{method}/eval_{k}": v for k, v in e.items()
+                                           if k not in ("examples", "rewards")}})
+        eval_details.append({"step": step, **e})
+        eval_s += time.perf_counter() - t
+
+    if cfg.eval_every and eval_prompts and start_step == 0:
+        run_eval(0)
+
+    end_step = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{method.upper()} rollout batches",
+               disable=not (cfg.progress and accelerator.is_main_process))
+    t0 = time.perf_counter()
+    for step in range(start_step, end_step):
+        # ---- 1. rollout: sample, score, and the no-grad forward for old / reference log-probs and values
+        b_prompts = step_prompts(step, train_prompts, cfg, rank, n_proc)
+        torch.manual_seed(_step_seed(cfg.seed, step, rank))
+        with torch.no_grad(), accelerator.autocast():
+            batch = generate(unwrapped.model, tokenizer, b_prompts, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, engine=cfg.rollout_engine)
+        b_mask = batch.response_mask
+        b_scores = reward_model.score(b_prompts, [r.strip() for r in batch.responses]).to(device)   # (B,)
+        outs = []
+        with torch.no_grad(), accelerator.autocast():
+            for mb_rows in _chunks(torch.arange(len(b_prompts)), cfg.micro_batch_size):
+                outs.append(unwrapped(batch.input_ids[mb_rows], batch.attention_mask[mb_rows], batch.response_start,
+                                      with_ref=True, with_values=algo.critic, with_entropy=True))
+        b_old_logprobs = torch.cat([o["logprobs"] for o in outs])                    # (B, R)
+        b_ref_logprobs = torch.cat([o["ref_logprobs"] for o in outs])
+        b_entropy = torch.cat([o["entropy"] for o in outs])
+        b_kl = kl_penalty(b_old_logprobs, b_ref_logprobs, cfg.kl_estimator) * b_mask   # penalty estimate
+        b_kl_report = (kl_penalty(b_old_logprobs, b_ref_logprobs, "k3") * b_mask).sum(-1)  # (B,) per response
+
+        # ---- 2. the method's targets; b holds what the losses read, one row per response
+        b = {"mask": b_mask, "old_logprobs": b_old_logprobs, "ref_logprobs": b_ref_logprobs, "kl": b_kl,
+             "scores": normalize_scores(b_scores, cfg.score_norm)}
+        if algo.critic:
+            b["values"] = torch.cat([o["values"] for o in outs]) * b_mask
+        b_targets, b_target_stats = algo.targets(cfg, b)
+        b.update(b_targets)
+
+        # ---- 3. epochs of minibatch updates; each minibatch is one optimizer step, accumulated over micro-batches
+        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank))
+        b_stats = []
+        for _ in range(cfg.epochs_per_batch):
+            for mb_units in iterate_minibatches(len(b_prompts) // unit, units_per_minibatch, gen):
+                micros = list(_chunks(mb_units, units_per_micro))
+                for i, micro_units in enumerate(micros):
+                    rows = (micro_units.unsqueeze(1) * unit + torch.arange(unit)).flatten()   # P3O: both of a pair
+                    # DDP averages gradients over processes only on the last micro-batch of the minibatch.
+                    with contextlib.nullcontext() if i == len(micros) - 1 else accelerator.no_sync(policy):
+                        mb_out = policy(batch.input_ids[rows], batch.attention_mask[rows], batch.response_start,
+                                        with_values=algo.critic)
+                        loss, stats = algo.loss(cfg, mb_out, {k: v[rows] for k, v in b.items()})
+                        accelerator.backward(loss / len(micros))
+                    b_stats.append({k: float(v) for k, v in stats.items()})
+                if cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        # ---- 4. metrics: this process's means, then the mean over processes
+        local = {"reward_mean": b_scores.mean(),
+                 "reward_std": b_scores.std() if len(b_scores) > 1 else b_scores.new_zeros(()),
+                 "kl": b_kl_report.mean(), "entropy": masked_mean(b_entropy, b_mask),
+                 "response_length": b_mask.sum(-1).float().mean(),
+                 "stop_frac": ended_with_stop(batch, tokenizer).float().mean(), **b_target_stats}
+        for k in b_stats[0]:
+            local[k] = torch.tensor(sum(s[k] for s in b_stats) / len(b_stats), device=device)
+        names = sorted(local)
+        g = accelerator.reduce(torch.stack([local[k].float().to(device) for k in names]), reduction="mean")
+        record = {"step": step + 1, **{f"policy/{method}/{k}": v for k, v in zip(names, g.tolist())},
+                  f"policy/{method}/lr": scheduler.get_last_lr()[0],
+                  f"policy/{method}/elapsed_s": time.perf_counter() - t0 - eval_s}
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record[f'policy/{method}/reward_mean']:.3f}", kl=f"{record[f'policy/{method}/kl']:.3f}")
+
+        done = step + 1
+        if cfg.eval_every and eval_prompts and (done % cfg.eval_every == 0 or done == cfg.steps):
+            run_eval(done)
+        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == end_step):
+            save_checkpoint(accelerator, cfg, {"step": done, "config": cfg.fingerprint(), "history": history,
+                                                "evals": evals})
+    bar.close()
+    wall_s = time.perf_counter() - t0 - eval_s
+    if cfg.eval_every and eval_prompts and end_step == cfg.steps and not any(d["step"] == end_step for d in eval_details):
+        run_eval(end_step)   # resumed after the last step: the details of the final evaluation are not in the checkpoint
+
+    policy_dir = None
+    if cfg.output_dir and cfg.save_policy and end_step == cfg.steps:
+        policy_dir = Path(cfg.output_dir) / "policy"
+        if accelerator.is_main_process:
+            save_policy(unwrapped.model, tokenizer, policy_dir,
+                        {"method": method, "training": cfg.fingerprint(), "steps_done": end_step})
+        accelerator.wait_for_everyone()
+    return PolicyTrainResult(policy=unwrapped, tokenizer=tokenizer, history=history, evals=evals, wall_s=wall_s,
+                             eval_s=eval_s, steps_run=end_step - start_step, config=cfg, policy_dir=policy_dir,
+                             extra={"num_processes": n_proc,
+                                    "num_train_prompts": len(train_prompts), "num_eval_prompts": len(eval_prompts),
+                                    "responses_generated": (end_step - start_step) * cfg.rollouts_per_step,
+                                    "optimizer_steps": (end_step - start_step) * cfg.optimizer_steps_per_step},
+                             eval_details=eval_details)

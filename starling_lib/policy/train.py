@@ -1,0 +1,23 @@
+"""`train_policy`: the one entry point of stage 04, for every method.
+
+APA, PPO and P3O go to the online loop (policy.online); DPO to TRL's DPOTrainer (policy.dpo).
+Both return a PolicyTrainResult evaluated the same way, so notebook 04 treats them alike.
+"""
+
+from __future__ import annotations
+
+from starling_lib.policy.config import PolicyTrainConfig, PolicyTrainResult
+from starling_lib.policy.dpo import train_dpo
+from starling_lib.policy.online import train_online
+
+
+def train_policy(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_model=None) -> PolicyTrainResult:
+    """Tune the initial policy as `cfg` says (resuming from a checkpoint in output_dir if there is one).
+
+    stop_after: end after that many steps in total, as if interrupted (online methods only).
+    reward_model: a scorer instead of the folder `cfg.reward_model` (see train_online); DPO does
+        not train on it, it evaluates with it.
+    """
+    if cfg.method == "dpo":
+        return train_dpo(cfg, stop_after=stop_after, reward_model=reward_model)
+    return train_online(cfg, stop_after=stop_after, reward_model=reward_model)

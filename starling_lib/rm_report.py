@@ -1,0 +1,85 @@
+"""What notebook 03 records of a reward-model run: the `rm/...` metrics of its metrics.json.
+
+    metrics = rm_metrics(result, heldout=heldout, by_length=by_length, benchmarks=benchmarks,
+                         benchmarks_by_length=benchmarks_by_length, theory=theory, truncated_share=share,
+                         baseline=baseline, baseline_heldout=baseline_heldout, baseline_benchmarks=baseline_benchmarks)
+    runs.write_metrics(out_dir, metrics, params)
+
+The inputs are what the library's functions return: the trainer's `RMTrainResult`s
+(`rm_train.train_reward_model`, `train_pairwise_baseline`), held-out ranking metrics
+(`rm_eval.evaluate_rankings`), benchmark tables (`rm_eval.evaluate_benchmarks`) and the theory
+check's table (`rm_eval.simulate_pl_estimation`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from starling_lib.rm_train import RMTrainResult
+
+KWISE_ESTIMATOR = "K-wise MLE (Plackett-Luce)"     # simulate_pl_estimation's estimator labels
+PAIRWISE_ESTIMATOR = "pairwise-split MLE"
+
+
+def _per_step(result: RMTrainResult) -> float:
+    return result.wall_s / max(1, result.steps_run)
+
+
+def _benchmarks(prefix: str, table) -> dict[str, float]:
+    """`prefix/benchmark/<name>`: accuracy, one per row of an `evaluate_benchmarks` table."""
+    return {f"{prefix}/benchmark/{name}": acc for name, acc in zip(table["benchmark"], table["accuracy"])}
+
+
+def rm_metrics(result: RMTrainResult, *, heldout: Mapping[str, float], by_length: Mapping[str, float],
+               benchmarks, benchmarks_by_length, theory, truncated_share: float, baseline: RMTrainResult | None = None,
+               baseline_heldout: Mapping[str, float] | None = None, baseline_benchmarks=None) -> dict[str, Any]:
+    """The metrics of notebook 03, keys `rm/...`.
+
+    result:          the K-wise trainer's run (its config gives backbone, loss and k)
+    heldout:         `evaluate_rankings` of result.model on the held-out prompts
+    by_length:       the same for `LengthReward` (the "longer is better" reference)
+    benchmarks, benchmarks_by_length: `evaluate_benchmarks` of result.model and of LengthReward
+    theory:          `simulate_pl_estimation`'s table; the errors at its largest n are recorded
+    truncated_share: share of training answers longer than max_length
+    baseline, baseline_heldout, baseline_benchmarks: TRL's pairwise run and its evaluations (all three
+                     or none; their keys are `rm/baseline/...`)
+    """
+    given = [x is not None for x in (baseline, baseline_heldout, baseline_benchmarks)]
+    if any(given) and not all(given):
+        raise ValueError("give baseline, baseline_heldout and baseline_benchmarks together, or none of them")
+    cfg = result.config
+    at_max_n = theory[theory["n"] == theory["n"].max()].groupby("estimator")["error"].mean()
+    curve = [{"step": h["step"], "rm/heldout_pair_accuracy": h["rm/heldout_pair_accuracy"]}
+             for h in result.history
+             if h.get("rm/heldout_pair_accuracy") is not None and not math.isnan(h["rm/heldout_pair_accuracy"])]
+    metrics = {
+        "rm/backbone": cfg.backbone, "rm/loss_type": cfg.loss, "rm/k": cfg.k,
+        "rm/num_train_prompts": result.extra["num_train_prompts"], "rm/num_heldout_prompts": heldout["num_prompts"],
+        "rm/steps": result.steps_run, "rm/train_wall_s": result.wall_s, "rm/train_s_per_step": _per_step(result),
+        "rm/train_tokens_per_s": result.tokens / max(result.wall_s, 1e-9), "rm/train_sequences": result.sequences,
+        "rm/final_train_loss": result.history[-1]["rm/loss"] if result.history else None,
+        "rm/heldout_pair_accuracy": heldout["pair_accuracy"], "rm/heldout_pair_accuracy_se": heldout["pair_accuracy_se"],
+        "rm/heldout_top1_accuracy": heldout["top1_accuracy"],
+        "rm/heldout_top1_chance": heldout["top1_chance"], "rm/heldout_kendall_tau": heldout["kendall_tau"],
+        "rm/truncated_share": truncated_share, "rm/model_dir": str(result.model_dir) if result.model_dir else None,
+        "rm/reference_length/heldout_pair_accuracy": by_length["pair_accuracy"],
+        "rm/reference_length/heldout_top1_accuracy": by_length["top1_accuracy"],
+        "rm/theory/kwise_error_at_max_n": float(at_max_n[KWISE_ESTIMATOR]),
+        "rm/theory/pairwise_error_at_max_n": float(at_max_n[PAIRWISE_ESTIMATOR]),
+        "rm/heldout_curve": curve,
+        **_benchmarks("rm", benchmarks),
+        **_benchmarks("rm/reference_length", benchmarks_by_length),
+    }
+    if baseline is not None:
+        metrics.update({
+            "rm/baseline/steps": baseline.steps_run, "rm/baseline/wall_s": baseline.wall_s,
+            "rm/baseline/s_per_step": baseline.wall_s / baseline.steps_run,
+            "rm/baseline/train_sequences": baseline.sequences,
+            "rm/baseline/heldout_pair_accuracy": baseline_heldout["pair_accuracy"],
+            "rm/baseline/heldout_top1_accuracy": baseline_heldout["top1_accuracy"],
+            "rm/baseline/heldout_kendall_tau": baseline_heldout["kendall_tau"],
+            "rm/baseline/s_per_step_ratio": (baseline.wall_s / baseline.steps_run) / _per_step(result),
+            **_benchmarks("rm/baseline", baseline_benchmarks),
+        })
+    return metrics
