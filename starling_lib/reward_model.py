@@ -32,7 +32,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from starling_lib.models import load_tokenizer, quiet_transformers, tiny_model_path, train_top_layers
+from starling_lib.models import (PACKAGED_MODELS, apply_chat_format, load_tokenizer, quiet_transformers,
+                                 resolve_model, train_top_layers)
 from starling_lib.rm_layout import chat_texts, encode_chats, pad_right, truncate_keep_end
 
 
@@ -47,29 +48,32 @@ class RewardModel(nn.Module):
                `last_hidden_state`.
     head:      Linear(hidden, 1) without bias (a bias shifts every reward alike; the losses
                cannot see it).
-    tokenizer, max_length: what `score` uses to turn chats into tokens.
+    tokenizer, max_length: what `score` uses to turn chats into tokens (in the tokenizer's chat template).
     backbone_name: the hub id or path the body came from ("tiny" for the offline model).
+    chat_format: how the tokenizer's template was chosen (models.CHAT_FORMATS), saved with the model.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Linear, tokenizer, max_length: int,
-                 backbone_name: str = ""):
+                 backbone_name: str = "", chat_format: str = "auto"):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.backbone_name = backbone_name
+        self.chat_format = chat_format
         # FSDP's auto-wrap policy looks for the blocks to shard here (e.g. ["MistralDecoderLayer"]).
         self._no_split_modules = getattr(backbone, "_no_split_modules", None)
 
     @classmethod
-    def from_sequence_classifier(cls, model: nn.Module, tokenizer, max_length: int, backbone_name: str = ""):
+    def from_sequence_classifier(cls, model: nn.Module, tokenizer, max_length: int, backbone_name: str = "",
+                                 chat_format: str = "auto"):
         """Adopt an `XForSequenceClassification` with one label: its body and its `score` layer."""
         head = getattr(model, "score", None)
         if not isinstance(head, nn.Linear) or head.out_features != 1:
             raise ValueError(f"{type(model).__name__} has no one-output `score` Linear layer; "
                              "expected a sequence-classification model with num_labels=1")
-        return cls(getattr(model, model.base_model_prefix), head, tokenizer, max_length, backbone_name)
+        return cls(getattr(model, model.base_model_prefix), head, tokenizer, max_length, backbone_name, chat_format)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 read: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,12 +118,12 @@ class RewardModel(nn.Module):
     def score(self, prompts: Sequence[Sequence[dict] | str], answers: Sequence[str], batch_size: int = 16,
               progress: bool = False) -> torch.Tensor:
         """Rewards (N,) for N (prompt, answer) pairs; a prompt is a message list or a plain string."""
-        texts = [chat_texts(p, a) for p, a in zip(prompts, answers, strict=True)]
+        texts = [chat_texts(self.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
         seqs = encode_chats(self.tokenizer, [t[0] for t in texts], [t[1] for t in texts], self.max_length)
         return self.score_ids(seqs, batch_size=batch_size, progress=progress)
 
     def score_texts(self, texts: Sequence[str], batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-        """Rewards for already-rendered chats (each ending with the answer's `<|end_of_turn|>`).
+        """Rewards for already-rendered chats (each ending with the answer's end-of-turn token).
 
         Too-long texts lose tokens from the left (after BOS): there is no prompt/answer boundary to use.
         """
@@ -158,12 +162,13 @@ def score_sequences(model: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int
 
 
 def resolve_backbone(name_or_path: str) -> str:
-    """"tiny" -> the cached tiny model's folder; an existing folder as is; else a hub id "org/name".
+    """"tiny" or a packaged model's short name -> its cached folder (models.resolve_model); an
+    existing folder as is; else a hub id "org/name".
 
     A path-like name that does not exist is an error here rather than a confusing hub lookup.
     """
-    if name_or_path == "tiny":
-        return str(tiny_model_path())
+    if name_or_path == "tiny" or name_or_path in PACKAGED_MODELS:
+        return resolve_model(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -185,8 +190,10 @@ def add_lora(backbone: nn.Module, r: int, alpha: int, dropout: float = 0.0) -> n
 
 def build_reward_model(backbone: str = "tiny", *, max_length: int = 1024, unfrozen_layers: int = -1,
                        lora_r: int = 0, lora_alpha: int = 16, dtype: torch.dtype | str | None = None,
-                       gradient_checkpointing: bool = False, seed: int = 0):
-    """A fresh `(RewardModel, tokenizer)` on `backbone`: "tiny", a hub id or a local folder.
+                       gradient_checkpointing: bool = False, seed: int = 0, chat_format: str = "auto"):
+    """A fresh `(RewardModel, tokenizer)` on `backbone`: "tiny", a packaged model ("smollm2-135m"),
+    a hub id or a local folder. chat_format: how chats are rendered (models.CHAT_FORMATS; saved with
+    the model and used again when it is loaded).
 
     A sequence-classification checkpoint keeps its own `score` head; any other checkpoint gets a
     new head. dtype None loads float32 (mixed precision, if any, is the trainer's business).
@@ -202,7 +209,7 @@ def build_reward_model(backbone: str = "tiny", *, max_length: int = 1024, unfroz
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
         raise OSError(f"cannot load backbone {backbone!r} ({path}): {e}") from e
-    tokenizer = load_tokenizer(path)
+    tokenizer = apply_chat_format(load_tokenizer(path), chat_format)
     is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.manual_seed(seed)  # the new head's initialisation, without touching the caller's RNG
@@ -215,6 +222,7 @@ def build_reward_model(backbone: str = "tiny", *, max_length: int = 1024, unfroz
             head = nn.Linear(hidden, 1, bias=False, dtype=dtype)
             nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
             model = RewardModel(body, head, tokenizer, max_length, backbone)
+    model.chat_format = chat_format
     body = model.backbone
     body.config.pad_token_id = tokenizer.pad_token_id
     if lora_r > 0:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from starling_lib.models import default_device, load_tokenizer, quiet_transformers
+from starling_lib.models import apply_chat_format, default_device, load_tokenizer, quiet_transformers
 from starling_lib.reward_model import RewardModel
 from starling_lib.runs import RM_STAGE, stage_dir
 
@@ -72,7 +72,7 @@ def save_reward_model(model: RewardModel, path: str | os.PathLike, state_dict: d
     save_file({"weight": head_weight.detach().contiguous().cpu()}, str(path / HEAD_FILE))
     model.tokenizer.save_pretrained(path)
     info = {"format": REWARD_MODEL_FORMAT, "backbone": model.backbone_name, "max_length": model.max_length,
-            "head": "linear on the last non-pad token", "chat_format": "openchat_3.5",
+            "head": "linear on the last non-pad token", "chat_format": model.chat_format,
             "truncation": "prompt from the left, then the answer from the left", **(extra or {})}
     (path / CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return path
@@ -105,6 +105,9 @@ def load_reward_model(path: str | os.PathLike, device: torch.device | str | None
     head_weight = load_file(str(path / HEAD_FILE))["weight"]
     head = nn.Linear(head_weight.shape[1], 1, bias=False, dtype=dtype)
     head.weight.data.copy_(head_weight)
-    tokenizer = load_tokenizer(str(path))
-    model = RewardModel(body, head.to(device), tokenizer, info["max_length"], info.get("backbone", ""))
+    # "auto": the saved tokenizer's own template is the one it was trained with. Folders saved before
+    # the format was recorded by name say "openchat_3.5" and were always fed that format.
+    chat_format = info.get("chat_format", "openchat_3.5")
+    tokenizer = apply_chat_format(load_tokenizer(str(path)), chat_format)
+    model = RewardModel(body, head.to(device), tokenizer, info["max_length"], info.get("backbone", ""), chat_format)
     return model.eval()

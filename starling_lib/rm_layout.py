@@ -3,15 +3,16 @@
 Pure functions over text and token ids, no model: `reward_model` scores what they lay out and
 `rm_train` batches with them.
 
-    prompt, answer = chat_texts(messages, "Paris.")               # OpenChat-3.5 text, in two parts
+    prompt, answer = chat_texts(tokenizer, messages, "Paris.")    # the model's chat format, in two parts
     seqs = encode_chats(tokenizer, [prompt], [answer], max_length) # token ids, the answer's end kept
     input_ids, attention_mask = pad_right(seqs, pad_id)           # (N, T) each
     packed = pack_shared_prompts(seqs, prompt_lengths, pack_length, pad_id)   # each prompt once
 
-The chat format is OpenChat-3.5's, the one Starling-LM speaks:
+The chat format is the tokenizer's chat template (models.CHAT_FORMATS): for the tiny model and
+Openchat/Starling-LM OpenChat-3.5's, the one Starling-LM speaks,
     <s>GPT4 Correct User: {prompt}<|end_of_turn|>GPT4 Correct Assistant: {answer}<|end_of_turn|>
-so the last token is always `<|end_of_turn|>`, a fixed place to read the reward from, after the
-whole answer.
+for SmolLM2 ChatML (`<|im_start|>assistant\n{answer}<|im_end|>`). Either way the last token is the
+turn's end token, a fixed place to read the reward from, after the whole answer.
 
 Truncation keeps the end: the head reads the last token, so a truncated sequence must still end
 with the answer's end. Tokens are dropped from the LEFT of the prompt first (the oldest turns; the
@@ -23,7 +24,8 @@ prompt once followed by each answer, with an attention mask and position ids und
 answer's reward is the one it gets encoded alone, and packs such segments tight into rows.
 
 Departures from Starling-RM (efrick2002/Starling, reward-model-training/dataset.py): it formats
-with Llama-2's `[INST]` chat template; we use the OpenChat-3.5 format so the reward model reads
+with Llama-2's `[INST]` chat template, its Llama-2-7b-chat body's own; we use the body's own
+template too ("auto"), and the tiny body's is OpenChat-3.5's, so there the reward model reads
 exactly what the policy of notebook 04 writes. It truncates the whole chat from the left (BOS
 included); we keep BOS and a quarter of the budget for the prompt. It pads every (prompt + answer)
 of a forward pass to the longest; packing (ours) encodes each prompt once and wastes less on
@@ -36,7 +38,6 @@ from typing import Sequence
 
 import torch
 
-from starling_lib.data import END_OF_TURN, format_chat
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,16 +69,23 @@ def truncate_split(ids: Sequence[int], num_prompt: int, max_length: int, keep_fi
     return head + prompt[len(prompt) - prompt_keep:] + answer[len(answer) - answer_keep:], keep_first + prompt_keep
 
 
-def chat_texts(messages: Sequence[dict] | str, answer: str) -> tuple[str, str]:
-    """(prompt text, answer text) in the OpenChat-3.5 format; their concatenation is the full chat.
+def chat_texts(tokenizer, messages: Sequence[dict] | str, answer: str) -> tuple[str, str]:
+    """(prompt text, answer text) in the tokenizer's chat format; their concatenation is the whole
+    conversation with `answer` as a finished assistant turn (OpenChat-3.5: " answer<|end_of_turn|>";
+    ChatML: "answer<|im_end|>"), so the reward is read on the turn's end token.
 
     messages: the conversation so far (ending with a user turn), or a plain string as one user turn.
     """
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    prompt = format_chat(messages, add_generation_prompt=True)
-    # format_chat(messages + [assistant answer], add_generation_prompt=False) == prompt + this
-    return prompt, f" {answer}{END_OF_TURN}"
+    messages = list(messages)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError(f"the chat template of {tokenizer.name_or_path!r} does not render a finished answer as the "
+                         f"open assistant turn plus the answer, so prompt and answer cannot be told apart: "
+                         f"{prompt[-60:]!r} vs {full[len(prompt) - 60:len(prompt)]!r}")
+    return prompt, full[len(prompt):].rstrip("\n")
 
 
 def encode_chats(tokenizer, prompts: Sequence[str], answers: Sequence[str], max_length: int,

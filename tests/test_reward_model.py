@@ -3,6 +3,7 @@ LoRA, save/load."""
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -49,18 +50,52 @@ def test_truncate_refuses_a_length_with_no_room():
         truncate_keep_end([0, 1, 2], num_prompt=2, max_length=1, keep_first=1)
 
 
-def test_chat_texts_concatenate_to_the_full_openchat_conversation():
-    prompt, answer = chat_texts(MESSAGES, "Paris.")
+def test_chat_texts_concatenate_to_the_full_openchat_conversation(tiny_rm):
+    _, tok = tiny_rm   # the tiny tokenizer's template is OpenChat-3.5's
+    prompt, answer = chat_texts(tok, MESSAGES, "Paris.")
     assert prompt + answer == format_chat(MESSAGES + [{"role": "assistant", "content": "Paris."}],
                                           add_generation_prompt=False)
     assert prompt.endswith("GPT4 Correct Assistant:") and answer == f" Paris.{END_OF_TURN}"
-    assert chat_texts("What is the capital of France?", "Paris.") == (prompt, answer)  # a string is one user turn
+    assert chat_texts(tok, "What is the capital of France?", "Paris.") == (prompt, answer)  # a string is one user turn
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_texts_follow_the_tokenizer_template_and_end_on_its_end_token(tiny_rm):
+    _, tok = tiny_rm
+    chatml = copy.deepcopy(tok)
+    chatml.chat_template = CHATML
+    prompt, answer = chat_texts(chatml, MESSAGES, "Paris.")
+    assert prompt.endswith("<|im_start|>assistant\n") and answer == "Paris.<|im_end|>"   # no trailing newline
+    odd = copy.deepcopy(tok)
+    odd.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
+    with pytest.raises(ValueError, match="cannot be told apart"):
+        chat_texts(odd, MESSAGES, "Paris.")
+
+
+def test_the_chat_format_is_saved_and_used_again_on_load(tmp_path):
+    from starling_lib.data import OPENCHAT_TEMPLATE
+    rm, tok = build_reward_model("tiny", max_length=64)
+    tok.chat_template = CHATML                          # as a ChatML body's own template would be
+    path = save_reward_model(rm, tmp_path / "chatml")
+    assert json.loads((path / "reward_model.json").read_text())["chat_format"] == "auto"
+    again = load_reward_model(path, device="cpu")
+    assert again.tokenizer.chat_template == CHATML
+    assert torch.allclose(again.score([MESSAGES], ["Paris."]), rm.score([MESSAGES], ["Paris."]), atol=1e-5)
+    forced, _ = build_reward_model("tiny", max_length=64, chat_format="openchat_3.5")
+    info = json.loads((save_reward_model(forced, tmp_path / "openchat") / "reward_model.json").read_text())
+    assert info["chat_format"] == "openchat_3.5"
+    old = tmp_path / "openchat"
+    (old / "reward_model.json").write_text(json.dumps({k: v for k, v in info.items() if k != "chat_format"}))
+    assert load_reward_model(old, device="cpu").tokenizer.chat_template == OPENCHAT_TEMPLATE   # older folders
 
 
 def test_encode_chats_tokenizes_whole_and_truncates_keeping_the_answer_end(tiny_rm):
     _, tok = tiny_rm
     long_prompt = [{"role": "user", "content": "tell me a story " * 40}]
-    texts = [chat_texts(MESSAGES, "Paris."), chat_texts(long_prompt, "Once upon a time.")]
+    texts = [chat_texts(tok, MESSAGES, "Paris."), chat_texts(tok, long_prompt, "Once upon a time.")]
     short, cut = encode_chats(tok, [t[0] for t in texts], [t[1] for t in texts], max_length=32)
     whole = encode_chats(tok, [texts[0][0]], [texts[0][1]], max_length=1000)[0]
     assert tok.decode(whole) == "".join(texts[0])                       # fits: unchanged, one BOS
@@ -159,7 +194,7 @@ def test_a_sequence_classifier_is_adopted_with_its_score_head(tiny_rm):
 
 
 def test_save_and_load_round_trip(tiny_rm, tmp_path):
-    rm, _ = tiny_rm
+    rm, tok = tiny_rm
     path = save_reward_model(rm, tmp_path / "rm", extra={"note": "test"})
     info = json.loads((path / CONFIG_FILE).read_text())
     assert info["backbone"] == "tiny" and info["max_length"] == 64 and info["note"] == "test"
@@ -168,7 +203,7 @@ def test_save_and_load_round_trip(tiny_rm, tmp_path):
     assert not loaded.training and loaded.max_length == 64
     answers = ["Paris.", "London."]
     assert torch.allclose(loaded.score([MESSAGES] * 2, answers), rm.score([MESSAGES] * 2, answers), atol=1e-6)
-    texts = ["".join(chat_texts(MESSAGES, a)) for a in answers]
+    texts = ["".join(chat_texts(tok, MESSAGES, a)) for a in answers]
     assert torch.allclose(loaded.score_texts(texts), rm.score([MESSAGES] * 2, answers), atol=1e-6)
 
 
@@ -217,7 +252,7 @@ def test_packed_rewards_equal_padded_rewards(attn):
     prompts = [MESSAGES, [{"role": "user", "content": "Write a long story about a dragon " * 8}]]
     answers = [["Paris.", "It is Paris, the largest city of France.", "Lyon."],
                ["Once upon a time " * 10, "No.", "A dragon lived in a cave and slept."]]
-    texts = [chat_texts(p, a) for p, row in zip(prompts, answers) for a in row]
+    texts = [chat_texts(tok, p, a) for p, row in zip(prompts, answers) for a in row]
     seqs, prompt_lengths = encode_chats(tok, [t[0] for t in texts], [t[1] for t in texts], 48, return_prompt_lengths=True)
     assert len(set(prompt_lengths[3:])) > 1            # the long prompt is cut differently per answer
     with torch.no_grad():
@@ -234,7 +269,7 @@ def test_gradient_checkpointing_does_not_backprop_through_frozen_layers():
     reached = []
     for i, block in enumerate(blocks):
         block.register_full_backward_pre_hook(lambda m, g, i=i: reached.append(i))
-    ids, mask = pad_right(encode_chats(tok, *zip(chat_texts(MESSAGES, "Paris.")), 32), tok.pad_token_id)
+    ids, mask = pad_right(encode_chats(tok, *zip(chat_texts(tok, MESSAGES, "Paris.")), 32), tok.pad_token_id)
     model.train()
     model(ids, mask).sum().backward()
     assert set(reached) == {len(blocks) - 1}
@@ -249,7 +284,7 @@ from starling_lib.reward_model import build_reward_model
 from starling_lib.rm_layout import chat_texts, encode_chats, pack_shared_prompts
 dist.init_process_group("gloo", rank=0, world_size=1)
 rm, tok = build_reward_model("tiny", max_length=64)
-texts = [chat_texts(p, a) for p, answers in [("Say hi", ["hi", "hello there", "no"]),
+texts = [chat_texts(tok, p, a) for p, answers in [("Say hi", ["hi", "hello there", "no"]),
                                              ("Count to three", ["1 2 3", "one two three four"])] for a in answers]
 seqs, prompt_lengths = encode_chats(tok, [t[0] for t in texts], [t[1] for t in texts], 64, return_prompt_lengths=True)
 b = pack_shared_prompts(seqs, prompt_lengths, 64, tok.pad_token_id)

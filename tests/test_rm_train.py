@@ -96,7 +96,7 @@ def test_collate_encodes_each_answer_once_and_maps_rewards_back_per_prompt(rows,
 
 def test_pairs_dataset_holds_all_pairs_as_our_model_reads_them(rows, tokenizer):
     pairs = pairs_dataset([rows[0]], tokenizer, k=7, max_length=96, seed=0)
-    texts = [chat_texts(rows[0]["messages"], a) for a in rows[0]["answers"]]
+    texts = [chat_texts(tokenizer, rows[0]["messages"], a) for a in rows[0]["answers"]]
     seqs = encode_chats(tokenizer, [t[0] for t in texts], [t[1] for t in texts], max_length=96)
     assert len(pairs) == 21
     # pairs in order (1,2), (1,3), ..., (1,7), (2,3), ...: the best answer is chosen six times

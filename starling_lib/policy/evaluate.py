@@ -24,7 +24,7 @@ from starling_lib.rollout import SharedTrunkPolicy, generate
 
 
 def ended_with_stop(batch, tokenizer) -> torch.Tensor:
-    """(B,) bool: the response ended with `<|end_of_turn|>` / eos rather than being cut at max_new_tokens."""
+    """(B,) bool: the response ended with a stop token (chat.stop_token_ids) rather than being cut at max_new_tokens."""
     stops = torch.tensor(stop_token_ids(tokenizer), device=batch.input_ids.device)
     return (torch.isin(batch.response_ids, stops) & batch.response_mask).any(-1)
 

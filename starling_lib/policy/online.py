@@ -31,8 +31,8 @@ Departures from the papers and Starling (all documented in PolicyTrainConfig too
 - the reference shares the trunk with the policy (rollout.SharedTrunkPolicy), and the value head
   sits on the policy's last hidden state (PPO's critic shares the trainable layers);
 - advantages are whitened per process (not over all processes) and per rollout batch;
-- the reward model scores each response as a finished turn (`<|end_of_turn|>` appended) even
-  when it was cut at max_new_tokens; no penalty for a missing end of turn;
+- the reward model scores each response as a finished turn (its chat format's end of turn
+  appended) even when it was cut at max_new_tokens; no penalty for a missing end of turn;
 - prompts longer than `max_prompt_tokens` are skipped, not truncated;
 - dropout is off throughout (the policy stays in eval mode), as in TRL;
 - reported KL is the k3 estimator summed over a response's tokens (non-negative, unbiased);
