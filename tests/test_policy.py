@@ -293,3 +293,12 @@ def test_each_online_method_raises_a_learnable_reward(tiny_cfg, warm_policy, met
     gain, se = reward_gain(before, after)   # paired by prompt: same prompts, same random numbers
     # measured: +0.20 to +0.27 (s.e. about 0.05) from 0.47; an untrained policy gains exactly 0
     assert gain > 0.1 and gain > 2.5 * se, (method, before["reward_mean"], after["reward_mean"], gain, se)
+
+
+def test_the_cached_trunk_trains_as_the_full_forward_does(tiny_cfg):
+    cached = train_policy(dataclasses.replace(tiny_cfg, method="ppo", eval_every=0))
+    full = train_policy(dataclasses.replace(tiny_cfg, method="ppo", eval_every=0, cache_trunk=False))
+    for key in ("policy/ppo/policy_loss", "policy/ppo/value_loss", "policy/ppo/kl", "policy/ppo/reward_mean"):
+        assert [h[key] for h in cached.history] == pytest.approx([h[key] for h in full.history], rel=1e-4, abs=1e-6), key
+    a, b = cached.policy.model.state_dict(), full.policy.model.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

@@ -109,3 +109,31 @@ def test_per_token_rewards():
     r = per_token_rewards(scores, kl, mask, beta=0.5)
     expected = torch.tensor([[-0.05, -0.1, -0.15 + 2.0], [-0.25, -0.25 - 1.0, 0.0]])
     assert torch.allclose(r, expected)
+
+
+def test_starting_from_the_cached_trunk_gives_the_full_forwards_numbers_and_gradients(tiny, batch):
+    model, _ = tiny
+    policy = SharedTrunkPolicy(copy.deepcopy(model), num_trainable_layers=2, value_head=True)
+    with torch.no_grad():
+        torch.nn.init.normal_(policy.value_head.weight)      # a critic that reads the hidden state
+        first = policy(batch.input_ids, batch.attention_mask, batch.response_start, with_ref=True,
+                       with_values=True, return_trunk=True)
+    rows = torch.tensor([2, 0])                               # a micro-batch: some rows, in another order
+    args = (batch.input_ids[rows], batch.attention_mask[rows], batch.response_start)
+    outs, grads, bottom_calls = [], [], []
+    policy.model.model.layers[0].register_forward_hook(lambda *_: bottom_calls.append(1))
+    for trunk in (None, first["trunk"][rows]):
+        policy.zero_grad(set_to_none=True)
+        bottom_calls.clear()
+        out = policy(*args, with_ref=True, with_values=True, trunk=trunk)
+        assert len(bottom_calls) == (1 if trunk is None else 0)   # from the trunk: the bottom layers do not run
+        (out["logprobs"].sum() + out["values"].sum()).backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
+    full, cached = outs
+    for key in ("logprobs", "ref_logprobs", "values"):
+        assert torch.allclose(cached[key], full[key], atol=1e-5), key
+        assert torch.allclose(cached[key], first[key][rows], atol=1e-5), key
+    assert grads[0].keys() == grads[1].keys() and any(".layers.3." in n for n in grads[0])
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[0])
+    assert len(policy.model.model.layers) == 4                # the full stack is back after the cached forward

@@ -10,9 +10,10 @@ policy.methods, one block each:
       sample one response per prompt (P3O: two per prompt, half the prompts), score each with the RM
       one no-grad forward of the SharedTrunkPolicy: log-probs under the policy (the "old" ones of
           PPO's ratio) and under the reference (the initial policy), values, entropy
+          (the pass also keeps the frozen trunk's output, which every update below starts from)
       per-token KL to the reference; the method's targets (advantages, or P3O's reward difference)
       for each of `epochs_per_batch` epochs, for each shuffled minibatch (one optimizer step,
-      its gradient accumulated over micro-batches): the method's loss
+      its gradient accumulated over micro-batches): the method's loss, through the top layers only
       log reward, KL to the initial policy, entropy, response length, clip fraction, value loss
 
 In a notebook (one device):
@@ -188,7 +189,10 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
         with torch.no_grad(), accelerator.autocast():
             for mb_rows in _chunks(torch.arange(len(b_prompts)), cfg.micro_batch_size):
                 outs.append(unwrapped(batch.input_ids[mb_rows], batch.attention_mask[mb_rows], batch.response_start,
-                                      with_ref=True, with_values=algo.critic, with_entropy=True))
+                                      with_ref=True, with_values=algo.critic, with_entropy=True,
+                                      return_trunk=cfg.cache_trunk))
+        # The frozen trunk's output (B, T, H): the same in every update below, so computed once here.
+        b_trunk = torch.cat([o["trunk"] for o in outs]) if cfg.cache_trunk else None
         b_old_logprobs = torch.cat([o["logprobs"] for o in outs])                    # (B, R)
         b_ref_logprobs = torch.cat([o["ref_logprobs"] for o in outs])
         b_entropy = torch.cat([o["entropy"] for o in outs])
@@ -214,7 +218,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
                     # DDP averages gradients over processes only on the last micro-batch of the minibatch.
                     with contextlib.nullcontext() if i == len(micros) - 1 else accelerator.no_sync(policy):
                         mb_out = policy(batch.input_ids[rows], batch.attention_mask[rows], batch.response_start,
-                                        with_values=algo.critic)
+                                        with_values=algo.critic, trunk=b_trunk[rows] if cfg.cache_trunk else None)
                         loss, stats = algo.loss(cfg, mb_out, {k: v[rows] for k, v in b.items()})
                         accelerator.backward(loss / len(micros))
                     b_stats.append({k: float(v) for k, v in stats.items()})
