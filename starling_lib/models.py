@@ -455,6 +455,48 @@ def train_top_layers(model: torch.nn.Module, num_layers: int, final_norm: bool =
                         p.requires_grad_(True)
 
 
+class _TrunkDone(Exception):
+    """Raised by trunk_output's hook to stop the forward once the trunk has run."""
+
+
+@torch.no_grad()
+def trunk_output(body: torch.nn.Module, split: int, **inputs) -> torch.Tensor:
+    """(B, T, H): what the body's block `split` receives, i.e. the output of the embeddings and
+    the blocks below `split` (the frozen trunk when only the blocks from `split` up train), for
+    the body's usual inputs (input_ids, attention_mask, position_ids). The blocks from `split` up
+    do not run."""
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        raise _TrunkDone
+
+    handle = decoder_layers(body)[split].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        body(**inputs, use_cache=False)
+    except _TrunkDone:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"]
+
+
+@contextlib.contextmanager
+def top_layers_from(body: torch.nn.Module, split: int, trunk: torch.Tensor):
+    """Within the block, `body(...)` runs only its blocks from `split` up, on `trunk` (B, T, H) in
+    place of the embeddings' output (see trunk_output); the attention mask and rotary embeddings
+    are computed from the inputs as always, so the result equals the full forward's. For bodies
+    whose blocks are `body.layers` after `body.embed_tokens` (Llama, Mistral, Qwen2)."""
+    layers = body.layers
+    handle = body.embed_tokens.register_forward_hook(lambda module, args, output: trunk)
+    body.layers = layers[split:]
+    try:
+        yield
+    finally:
+        body.layers = layers
+        handle.remove()
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions counted over real tokens only, as `generate` counts them in a left-padded batch."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -32,8 +32,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from starling_lib.models import (PACKAGED_MODELS, apply_chat_format, load_tokenizer, quiet_transformers,
-                                 resolve_model, train_top_layers)
+from starling_lib.models import (PACKAGED_MODELS, apply_chat_format, decoder_layers, load_tokenizer, quiet_transformers,
+                                 resolve_model, top_layers_from, train_top_layers)
 from starling_lib.rm_layout import chat_texts, encode_chats, pad_right, truncate_keep_end
 
 
@@ -62,6 +62,7 @@ class RewardModel(nn.Module):
         self.max_length = max_length
         self.backbone_name = backbone_name
         self.chat_format = chat_format
+        self.trunk_split: int | None = None   # first trained block when the blocks below are frozen (build_reward_model)
         # FSDP's auto-wrap policy looks for the blocks to shard here (e.g. ["MistralDecoderLayer"]).
         self._no_split_modules = getattr(backbone, "_no_split_modules", None)
 
@@ -76,9 +77,20 @@ class RewardModel(nn.Module):
         return cls(getattr(model, model.base_model_prefix), head, tokenizer, max_length, backbone_name, chat_format)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-                read: torch.Tensor | None = None) -> torch.Tensor:
+                read: torch.Tensor | None = None, trunk: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (N,) for N right- or left-padded sequences (N, T), or for the packed layout of
-        `rm_layout.pack_shared_prompts` (attention_mask (R, 1, L, L), position_ids (R, L), read (N, 2))."""
+        `rm_layout.pack_shared_prompts` (attention_mask (R, 1, L, L), position_ids (R, L), read (N, 2)).
+
+        trunk: (N, T, H) the frozen trunk's output for padded sequences (`models.trunk_output` at
+        `self.trunk_split`): only the trainable top blocks run, with the same result.
+        """
+        if trunk is not None:
+            if self.trunk_split is None:
+                raise ValueError("this reward model trains its whole body: there is no frozen trunk to start from")
+            if attention_mask.dim() != 2:
+                raise ValueError("a cached trunk is for padded sequences, not the packed layout")
+            with top_layers_from(self.backbone, self.trunk_split, trunk):
+                return self.forward(input_ids, attention_mask)
         if attention_mask.dim() == 4:
             if read is None or position_ids is None:
                 raise ValueError("a packed batch (4-D attention mask) needs position_ids and read")
@@ -134,12 +146,14 @@ class RewardModel(nn.Module):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def score_sequences(model: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16,
-                    progress: bool = False, desc: str = "scoring") -> torch.Tensor:
+                    progress: bool = False, desc: str = "scoring", trunk_cache=None) -> torch.Tensor:
     """Rewards (N,) float32 on CPU from `model(input_ids, attention_mask)` for token-id sequences.
 
     `model` is a RewardModel or one wrapped by accelerate (DDP, FSDP), so the trainer can evaluate
     without unwrapping. Sequences are scored in batches of similar length and returned in order.
+    trunk_cache: an `rm_train.TrunkCache`; the top blocks then start from its frozen-trunk outputs.
     """
     from tqdm.auto import tqdm
 
@@ -152,7 +166,9 @@ def score_sequences(model: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
         idx = order[start:start + batch_size]
         input_ids, attention_mask = pad_right([seqs[i] for i in idx], pad_id)
-        rewards[idx] = model(input_ids.to(device), attention_mask.to(device)).float().cpu()
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        trunk = trunk_cache.trunk(input_ids, attention_mask) if trunk_cache is not None else None
+        rewards[idx] = model(input_ids, attention_mask, trunk=trunk).float().cpu()
     model.train(was_training)
     return rewards
 
@@ -231,6 +247,8 @@ def build_reward_model(backbone: str = "tiny", *, max_length: int = 1024, unfroz
         model.backbone = add_lora(body, lora_r, lora_alpha)
     else:
         train_top_layers(body, unfrozen_layers, final_norm=True)
+        if unfrozen_layers >= 0:
+            model.trunk_split = len(decoder_layers(body)) - unfrozen_layers
     if gradient_checkpointing:
         enable = getattr(body, "activation_checkpointing_enable", None)   # transformers >= 5.23's name
         if enable is not None:

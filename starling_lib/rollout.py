@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from starling_lib.chat import stop_token_ids
-from starling_lib.models import decoder_layers, position_ids_from_mask, train_top_layers
+from starling_lib.models import decoder_layers, position_ids_from_mask, top_layers_from, train_top_layers
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -88,20 +88,6 @@ class SharedTrunkPolicy(nn.Module):
             self._capture["kwargs"] = {k: v for k, v in kwargs.items()
                                        if k not in ("hidden_states", "past_key_values", "use_cache")}
 
-    @contextlib.contextmanager
-    def _top_layers_from(self, trunk: torch.Tensor):
-        """Within the block, the body runs only the trainable top layers, on `trunk` (B, T, H) in
-        place of the embeddings' output; mask and rotary embeddings are computed as always."""
-        body = self.model.model
-        layers = body.layers
-        handle = body.embed_tokens.register_forward_hook(lambda module, args, output: trunk)
-        body.layers = layers[self.split:]
-        try:
-            yield
-        finally:
-            body.layers = layers
-            handle.remove()
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
                 with_ref: bool = False, with_values: bool = False, with_entropy: bool = False,
                 return_trunk: bool = False, trunk: torch.Tensor | None = None) -> dict:
@@ -115,7 +101,8 @@ class SharedTrunkPolicy(nn.Module):
         response = input_ids[:, response_start:]                                   # (B, R)
         self._capture = {} if (with_ref or return_trunk) else None
         try:
-            with self._top_layers_from(trunk) if trunk is not None else contextlib.nullcontext():
+            from_trunk = top_layers_from(self.model.model, self.split, trunk) if trunk is not None else None
+            with from_trunk or contextlib.nullcontext():
                 hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask,
                                           position_ids=position_ids_from_mask(attention_mask),
                                           use_cache=False).last_hidden_state          # (B, T, H)
