@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import pandas as pd
 import torch
 
-from starling_lib.models import count_parameters
+from starling_lib.models import count_parameters, resolve_model
 from starling_lib.policy.config import PolicyTrainResult
 from starling_lib.rollout import SharedTrunkPolicy
 
@@ -97,7 +97,7 @@ def parameter_counts(name_or_path: str, num_trainable_layers: int) -> dict[str, 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(name_or_path)))
     shared = SharedTrunkPolicy(model, num_trainable_layers)
     return {"whole model": count_parameters(model),
             f"trained: top {num_trainable_layers} layers + value head": count_parameters(shared, trainable_only=True),
