@@ -12,6 +12,7 @@ parameters go under `params/<name>` and the git commit under `run/git_commit`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -162,6 +163,7 @@ def build_atomically(final: Path, write: Callable[[Path], None]) -> Path:
 # settings from text: `--set key=value`, YAML files
 
 
+@functools.lru_cache(maxsize=1)
 def _yaml_loader():
     """PyYAML's safe loader with YAML 1.2 floats: PyYAML follows YAML 1.1, where `1e-5` (no dot)
     is a string, so a learning rate written that way would arrive as "1e-5"."""
