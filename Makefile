@@ -18,7 +18,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 .PHONY: help setup demo test lab gpu bench clean
 
 help:
-	@echo "make demo   run every notebook on the embedded default (offline, CPU, tiny models)"
+	@echo "make demo   run every notebook on the embedded default (offline, CPU, SmolLM2-135M-Instruct; CONFIG=papermill_runs/tiny_cpu.yaml for the 5-minute tiny-model check)"
 	@echo "make test   run the test suite"
 	@echo "make lab    open JupyterLab on notebooks/ with the project's environment"
 	@echo "make gpu    run the full-scale reproduction (papermill_runs/full_gpu.yaml; GPUs, hub access)"

@@ -210,7 +210,7 @@ class ApiJudge:
         return f"ApiJudge({self.id!r})"
 
     def rate(self, prompts: Sequence[tuple[str, str]], progress: bool = False) -> list[Rating]:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         out = []
         for system, user in tqdm(prompts, desc="judging", disable=not progress):
@@ -269,7 +269,7 @@ class LocalJudge:
         return logps.double().softmax(-1).numpy()
 
     def rate(self, prompts: Sequence[tuple[str, str]], progress: bool = False) -> list[Rating]:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         if self.mode == "generate":
             rendered = [render_judge_prompt(self.tokenizer, s, u) for s, u in prompts]
@@ -339,7 +339,7 @@ def generate_answers(model, tokenizer, questions: Sequence[Mapping], model_name:
     Generation runs in batches of questions with the same temperature; each batch is cached as
     soon as it is done.
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     cache = JsonlCache(cache_path, ("model", "question_id", "turn"))
     fingerprint = model_fingerprint(model)
@@ -384,7 +384,7 @@ def judge_answers(questions: Sequence[Mapping], answers: Mapping[int, Sequence[s
     Judgments come from the cache when the judge prompt is unchanged; new ones are cached as each
     batch finishes, except failed requests (a rerun asks again).
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     cache = JsonlCache(cache_path, ("model", "question_id", "turn", "judge"))
     prompts = load_judge_prompts()
@@ -490,12 +490,20 @@ def _valid(judgments: pd.DataFrame) -> pd.DataFrame:
     return judgments[judgments["rating"] != -1]
 
 
+def _question_se(ratings: pd.DataFrame) -> float:
+    """Standard error of a mean rating over questions: a question's turns share it, so each
+    question's mean is one observation."""
+    per_question = ratings.groupby("question_id")["rating"].mean()
+    return float(per_question.std(ddof=1) / np.sqrt(len(per_question))) if len(per_question) > 1 else float("nan")
+
+
 def scores(judgments: pd.DataFrame) -> pd.DataFrame:
-    """Per model (and judge, mode): mt_bench = mean of the valid ratings; turn_1, turn_2; n_valid,
-    n_failed (ratings of -1, excluded from every mean)."""
+    """Per model (and judge, mode): mt_bench = mean of the valid ratings, mt_bench_se its standard
+    error over questions; turn_1, turn_2; n_valid, n_failed (ratings of -1, excluded from every mean)."""
     group = ["model", "judge", "mode"]
     valid = _valid(judgments)
     out = valid.groupby(group)["rating"].mean().rename("mt_bench").to_frame()
+    out["mt_bench_se"] = valid.groupby(group)[["question_id", "rating"]].apply(_question_se)
     for turn in (1, 2):
         out[f"turn_{turn}"] = valid[valid["turn"] == turn].groupby(group)["rating"].mean()
     counts = judgments.assign(failed=judgments["rating"] == -1).groupby(group)["failed"].agg(["size", "sum"])
@@ -547,9 +555,28 @@ def side_by_side(questions: Sequence[Mapping], answers: Mapping[str, Mapping[int
     return pd.DataFrame(rows).set_index("question_id")
 
 
-def comparison_table(run_scores: pd.DataFrame) -> pd.DataFrame:
-    """This run's scores and the published GPT-4-judged scores in one table (column `source`)."""
-    ours = run_scores.assign(source=lambda d: "this run, judge " + d["judge"])[["model", "mt_bench", "source"]]
+def paired_difference(judgments: pd.DataFrame, model: str, baseline: str) -> dict[str, float]:
+    """`model`'s MT-Bench score minus `baseline`'s on the questions both have valid ratings for:
+    diff (mean over questions of the per-question difference), se (its standard error), n questions."""
+    valid = _valid(judgments)
+    per = valid.groupby(["model", "question_id"])["rating"].mean().unstack("model")
+    d = (per[model] - per[baseline]).dropna()
+    return {"diff": float(d.mean()) if len(d) else float("nan"),
+            "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"), "n": int(len(d))}
+
+
+def comparable_to_published(run_scores: pd.DataFrame, num_questions: int) -> pd.Series:
+    """Which of this run's rows may stand beside the model card's: judged by GPT-4 on all 80 questions."""
+    return run_scores["judge"].astype(str).str.contains("gpt-4") & (num_questions == 80)
+
+
+def comparison_table(run_scores: pd.DataFrame, num_questions: int = 80) -> pd.DataFrame:
+    """The published GPT-4-judged scores, and this run's where `comparable_to_published` (column `source`).
+
+    Another judge's ratings, or a subset of the questions, are on another scale: they are left out
+    rather than drawn on the same axis."""
+    ours = run_scores[comparable_to_published(run_scores, num_questions)]
+    ours = ours.assign(source=lambda d: "this run, judge " + d["judge"])[["model", "mt_bench", "source"]]
     theirs = published_table()[["model", "mt_bench"]].assign(source="published: GPT-4 judge (model card)")
     return pd.concat([ours, theirs], ignore_index=True)
 
@@ -560,6 +587,7 @@ def score_metrics(run_scores: pd.DataFrame, prefix: str = "eval/mt_bench") -> di
     for r in run_scores.itertuples():
         key = f"{prefix}/{r.model}"
         out[key] = None if pd.isna(r.mt_bench) else round(float(r.mt_bench), 4)
+        out[f"{key}/se"] = None if pd.isna(r.mt_bench_se) else round(float(r.mt_bench_se), 4)
         out[f"{key}/turn_1"] = None if pd.isna(r.turn_1) else round(float(r.turn_1), 4)
         out[f"{key}/turn_2"] = None if pd.isna(r.turn_2) else round(float(r.turn_2), 4)
         out[f"{key}/n_valid"] = int(r.n_valid)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from starling_lib.models import (PACKAGED_MODELS, apply_chat_format, decoder_layers, load_tokenizer, quiet_transformers,
-                                 resolve_model, top_layers_from, train_top_layers)
+                                 resolve_model, top_layers_from, train_top_layers, trunk_output)
 from starling_lib.rm_layout import chat_texts, encode_chats, pad_right, truncate_keep_end
 
 
@@ -123,16 +123,20 @@ class RewardModel(nn.Module):
         return self.head.weight.device
 
     def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 16, progress: bool = False,
-                  desc: str = "scoring") -> torch.Tensor:
+                  desc: str = "scoring", trunk_cache: TrunkCache | None = None) -> torch.Tensor:
         """Rewards (N,) float32 on CPU for token-id sequences (see `score_sequences`)."""
-        return score_sequences(self, seqs, self.tokenizer.pad_token_id, batch_size, progress, desc)
+        return score_sequences(self, seqs, self.tokenizer.pad_token_id, batch_size, progress, desc, trunk_cache)
 
     def score(self, prompts: Sequence[Sequence[dict] | str], answers: Sequence[str], batch_size: int = 16,
-              progress: bool = False) -> torch.Tensor:
-        """Rewards (N,) for N (prompt, answer) pairs; a prompt is a message list or a plain string."""
+              progress: bool = False, trunk_cache: TrunkCache | None = None) -> torch.Tensor:
+        """Rewards (N,) for N (prompt, answer) pairs; a prompt is a message list or a plain string.
+
+        trunk_cache: a `TrunkCache` of a model with this one's frozen trunk: answers it has seen
+        run only the top blocks, new ones are added to it.
+        """
         texts = [chat_texts(self.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
         seqs = encode_chats(self.tokenizer, [t[0] for t in texts], [t[1] for t in texts], self.max_length)
-        return self.score_ids(seqs, batch_size=batch_size, progress=progress)
+        return self.score_ids(seqs, batch_size=batch_size, progress=progress, trunk_cache=trunk_cache)
 
     def score_texts(self, texts: Sequence[str], batch_size: int = 16, progress: bool = False) -> torch.Tensor:
         """Rewards for already-rendered chats (each ending with the answer's end-of-turn token).
@@ -146,17 +150,19 @@ class RewardModel(nn.Module):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def score_sequences(model: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16,
                     progress: bool = False, desc: str = "scoring", trunk_cache=None) -> torch.Tensor:
     """Rewards (N,) float32 on CPU from `model(input_ids, attention_mask)` for token-id sequences.
 
     `model` is a RewardModel or one wrapped by accelerate (DDP, FSDP), so the trainer can evaluate
     without unwrapping. Sequences are scored in batches of similar length and returned in order.
-    trunk_cache: an `rm_train.TrunkCache`; the top blocks then start from its frozen-trunk outputs.
+    trunk_cache: a `TrunkCache` of a model with the same frozen trunk (checked); the top blocks then
+        start from its frozen-trunk outputs.
     """
     from tqdm.auto import tqdm
 
+    if trunk_cache is not None:
+        trunk_cache.check(getattr(model, "module", model))   # DDP keeps the model in .module
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -171,6 +177,69 @@ def score_sequences(model: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int
         rewards[idx] = model(input_ids, attention_mask, trunk=trunk).float().cpu()
     model.train(was_training)
     return rewards
+
+
+# --------------------------------------------------------------------------------------------
+# the frozen trunk's outputs, kept
+
+
+def trunk_signature(model: RewardModel) -> tuple:
+    """What identifies a reward model's frozen trunk: where it ends, how many frozen tensors it
+    has and the sum of their weights (float64). Models with one signature compute one trunk output."""
+    if model.trunk_split is None:
+        raise ValueError("this reward model trains its whole body: there is no frozen trunk to cache "
+                         "(cache_trunk needs unfrozen_layers >= 0 and no LoRA)")
+    frozen = [p for p in model.backbone.parameters() if not p.requires_grad]
+    return model.trunk_split, len(frozen), round(sum(float(p.detach().double().sum()) for p in frozen), 6)
+
+
+class TrunkCache:
+    """The frozen trunk's output for each answer sequence, computed the first time it is seen.
+
+    With only the top blocks trained (unfrozen_layers >= 0), what the blocks below them make of a
+    sequence never changes, so a sequence seen again (the next epoch, every held-out evaluation)
+    only runs the top blocks. One (length, hidden) tensor is kept per distinct sequence, on the
+    device, in the body's dtype: for 2,500 answers of 128 tokens at SmolLM2's width (576), 0.7 GB
+    in float32.
+
+    One cache serves every model built on the same body with the same trained blocks (a second
+    loss, TRL's baseline, the reloaded model): `check(model)` compares their trunks' signatures
+    (`trunk_signature`) and refuses a model whose trunk differs.
+    """
+
+    def __init__(self, model: RewardModel, pad_id: int):
+        self.signature = trunk_signature(model)
+        self.model, self.pad_id, self.store = model, pad_id, {}
+        self._checked = {id(model)}
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def check(self, model: RewardModel) -> None:
+        """Raise ValueError unless `model`'s frozen trunk is the one this cache was filled with."""
+        if id(model) in self._checked:
+            return
+        theirs = trunk_signature(model)
+        if theirs != self.signature:
+            raise ValueError(f"this trunk cache holds another trunk's outputs (split, frozen tensors, weight sum "
+                             f"{self.signature}) than the model's {theirs}: build a new TrunkCache for it")
+        self._checked.add(id(model))
+
+    def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, T, H) for right-padded sequences (N, T); zeros on the padding (never attended to)."""
+        lengths = attention_mask.sum(-1).tolist()
+        keys = [tuple(ids[:n].tolist()) for ids, n in zip(input_ids, lengths)]
+        missing = sorted({i for i, key in enumerate(keys) if key not in self.store})
+        if missing:
+            rows = torch.tensor(missing, device=input_ids.device)
+            hidden = trunk_output(self.model.backbone, self.model.trunk_split, input_ids=input_ids[rows],
+                                  attention_mask=attention_mask[rows])              # (M, T, H)
+            for j, i in enumerate(missing):
+                self.store[keys[i]] = hidden[j, :lengths[i]].clone()
+        out = self.store[keys[0]].new_zeros(len(keys), input_ids.shape[1], self.store[keys[0]].shape[-1])
+        for i, key in enumerate(keys):
+            out[i, :lengths[i]] = self.store[key]
+        return out
 
 
 # --------------------------------------------------------------------------------------------

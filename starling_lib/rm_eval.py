@@ -122,21 +122,44 @@ def ranking_metrics(rewards_per_prompt: Sequence[Sequence[float]]) -> dict[str, 
     }
 
 
-def score_rankings(model, rows: Sequence[dict], batch_size: int = 16, progress: bool = False) -> list[np.ndarray]:
+def score_rankings(model, rows: Sequence[dict], batch_size: int = 16, progress: bool = False,
+                   trunk_cache=None) -> list[np.ndarray]:
     """Rewards of every answer of every K-wise row (`data.to_kwise`), one array per row, best first.
 
     All answers are scored in one length-sorted pass, so short answers batch with short ones.
+    trunk_cache: a `reward_model.TrunkCache` for `model`'s frozen trunk (a RewardModel only).
     """
     prompts = [row["messages"] for row in rows for _ in row["answers"]]
     answers = [a for row in rows for a in row["answers"]]
-    flat = model.score(prompts, answers, batch_size=batch_size, progress=progress).numpy()
+    extra = {} if trunk_cache is None else {"trunk_cache": trunk_cache}
+    flat = model.score(prompts, answers, batch_size=batch_size, progress=progress, **extra).numpy()
     bounds = np.cumsum([0] + [len(row["answers"]) for row in rows])
     return [flat[bounds[n]:bounds[n + 1]] for n in range(len(rows))]
 
 
-def evaluate_rankings(model, rows: Sequence[dict], batch_size: int = 16, progress: bool = False) -> dict[str, float]:
+def length_correlation(rewards_per_prompt: Sequence[Sequence[float]], rows: Sequence[dict]) -> dict[str, float]:
+    """How much a reward model's ranking of one prompt's answers follows their length.
+
+    Per prompt, the Spearman correlation between the rewards and the answers' lengths in
+    characters (prompts whose rewards or lengths are all equal are left out); then the mean over
+    prompts, its standard error and the number of prompts. 1 is "longer is better" exactly.
+    """
+    from scipy.stats import spearmanr
+
+    rhos = []
+    for rewards, row in zip(rewards_per_prompt, rows, strict=True):
+        lengths = [len(a) for a in row["answers"]]
+        if len(set(lengths)) > 1 and len(set(np.asarray(rewards).tolist())) > 1:
+            rhos.append(spearmanr(rewards, lengths).statistic)
+    r = np.asarray(rhos, dtype=np.float64)
+    return {"mean": float(r.mean()) if len(r) else float("nan"),
+            "se": float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else float("nan"), "num_prompts": len(r)}
+
+
+def evaluate_rankings(model, rows: Sequence[dict], batch_size: int = 16, progress: bool = False,
+                      trunk_cache=None) -> dict[str, float]:
     """`ranking_metrics` of `model` on K-wise rows (the held-out split of Nectar)."""
-    return ranking_metrics(score_rankings(model, list(rows), batch_size, progress))
+    return ranking_metrics(score_rankings(model, list(rows), batch_size, progress, trunk_cache))
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,18 +194,21 @@ def benchmark_correct(name: str, items: Sequence[dict], rewards: dict[str, np.nd
 
 
 def evaluate_benchmarks(model, limit: int = 0, batch_size: int = 16, seed: int = 0,
-                        names: Sequence[str] = tuple(BENCHMARKS), progress: bool = False):
-    """A table (pandas DataFrame): benchmark, items, accuracy, chance, rule."""
+                        names: Sequence[str] = tuple(BENCHMARKS), progress: bool = False, trunk_cache=None):
+    """A table (pandas DataFrame): benchmark, items, accuracy, accuracy_se (standard error over
+    items), chance, rule. trunk_cache: as in `score_rankings`."""
     import pandas as pd
 
+    extra = {} if trunk_cache is None else {"trunk_cache": trunk_cache}
     rows = []
     for name in names:
         items = load_benchmark(name, limit, seed)
         rewards = {key: model.score([it["prompt"] for it in items], [it[key] for it in items],
-                                    batch_size=batch_size, progress=progress).numpy()
+                                    batch_size=batch_size, progress=progress, **extra).numpy()
                    for key in RESPONSE_KEYS[name]}
-        rows.append({"benchmark": name, "items": len(items),
-                     "accuracy": float(benchmark_correct(name, items, rewards).mean()),
+        correct = benchmark_correct(name, items, rewards)
+        rows.append({"benchmark": name, "items": len(items), "accuracy": float(correct.mean()),
+                     "accuracy_se": float(correct.std(ddof=1) / np.sqrt(len(correct))) if len(correct) > 1 else float("nan"),
                      "chance": 0.5, "rule": BENCHMARK_RULES[name]})
     return pd.DataFrame(rows)
 

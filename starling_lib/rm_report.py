@@ -2,13 +2,14 @@
 
     metrics = rm_metrics(result, heldout=heldout, by_length=by_length, benchmarks=benchmarks,
                          benchmarks_by_length=benchmarks_by_length, theory=theory, truncated_share=share,
+                         length_corr=length_corr, other=other, other_heldout=other_heldout,
                          baseline=baseline, baseline_heldout=baseline_heldout, baseline_benchmarks=baseline_benchmarks)
     runs.write_metrics(out_dir, metrics, params)
 
 The inputs are what the library's functions return: the trainer's `RMTrainResult`s
 (`rm_train.train_reward_model`, `train_pairwise_baseline`), held-out ranking metrics
-(`rm_eval.evaluate_rankings`), benchmark tables (`rm_eval.evaluate_benchmarks`) and the theory
-check's table (`rm_eval.simulate_pl_estimation`).
+(`rm_eval.evaluate_rankings`, `rm_eval.length_correlation`), benchmark tables
+(`rm_eval.evaluate_benchmarks`) and the theory check's table (`rm_eval.simulate_pl_estimation`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,26 @@ def _per_step(result: RMTrainResult) -> float:
 
 
 def _benchmarks(prefix: str, table) -> dict[str, float]:
-    """`prefix/benchmark/<name>`: accuracy, one per row of an `evaluate_benchmarks` table."""
-    return {f"{prefix}/benchmark/{name}": acc for name, acc in zip(table["benchmark"], table["accuracy"])}
+    """`prefix/benchmark/<name>` (accuracy) and `<name>_se`, one pair per row of an `evaluate_benchmarks` table."""
+    out = {}
+    for row in table.to_dict("records"):
+        out[f"{prefix}/benchmark/{row['benchmark']}"] = row["accuracy"]
+        if "accuracy_se" in row:
+            out[f"{prefix}/benchmark/{row['benchmark']}_se"] = row["accuracy_se"]
+    return out
+
+
+def _heldout(prefix: str, heldout: Mapping[str, float]) -> dict[str, float]:
+    return {f"{prefix}/heldout_pair_accuracy": heldout["pair_accuracy"],
+            f"{prefix}/heldout_pair_accuracy_se": heldout["pair_accuracy_se"],
+            f"{prefix}/heldout_top1_accuracy": heldout["top1_accuracy"],
+            f"{prefix}/heldout_kendall_tau": heldout["kendall_tau"]}
 
 
 def rm_metrics(result: RMTrainResult, *, heldout: Mapping[str, float], by_length: Mapping[str, float],
-               benchmarks, benchmarks_by_length, theory, truncated_share: float, baseline: RMTrainResult | None = None,
+               benchmarks, benchmarks_by_length, theory, truncated_share: float,
+               length_corr: Mapping[str, float] | None = None, other: RMTrainResult | None = None,
+               other_heldout: Mapping[str, float] | None = None, baseline: RMTrainResult | None = None,
                baseline_heldout: Mapping[str, float] | None = None, baseline_benchmarks=None) -> dict[str, Any]:
     """The metrics of notebook 03, keys `rm/...`.
 
@@ -42,12 +57,17 @@ def rm_metrics(result: RMTrainResult, *, heldout: Mapping[str, float], by_length
     benchmarks, benchmarks_by_length: `evaluate_benchmarks` of result.model and of LengthReward
     theory:          `simulate_pl_estimation`'s table; the errors at its largest n are recorded
     truncated_share: share of training answers longer than max_length
+    length_corr:     `length_correlation` of result.model's held-out rewards (`rm/heldout_length_spearman`)
+    other, other_heldout: the same data and steps with the other loss and its held-out metrics
+                     (both or none; keys `rm/other_loss/...`)
     baseline, baseline_heldout, baseline_benchmarks: TRL's pairwise run and its evaluations (all three
                      or none; their keys are `rm/baseline/...`)
     """
     given = [x is not None for x in (baseline, baseline_heldout, baseline_benchmarks)]
     if any(given) and not all(given):
         raise ValueError("give baseline, baseline_heldout and baseline_benchmarks together, or none of them")
+    if (other is None) != (other_heldout is None):
+        raise ValueError("give other and other_heldout together, or neither")
     cfg = result.config
     at_max_n = theory[theory["n"] == theory["n"].max()].groupby("estimator")["error"].mean()
     curve = [{"step": h["step"], "rm/heldout_pair_accuracy": h["rm/heldout_pair_accuracy"]}
@@ -71,14 +91,18 @@ def rm_metrics(result: RMTrainResult, *, heldout: Mapping[str, float], by_length
         **_benchmarks("rm", benchmarks),
         **_benchmarks("rm/reference_length", benchmarks_by_length),
     }
+    if length_corr is not None:
+        metrics.update({"rm/heldout_length_spearman": length_corr["mean"],
+                        "rm/heldout_length_spearman_se": length_corr["se"]})
+    if other is not None:
+        metrics.update({"rm/other_loss/loss_type": other.config.loss, "rm/other_loss/steps": other.steps_run,
+                        "rm/other_loss/wall_s": other.wall_s, **_heldout("rm/other_loss", other_heldout)})
     if baseline is not None:
         metrics.update({
             "rm/baseline/steps": baseline.steps_run, "rm/baseline/wall_s": baseline.wall_s,
             "rm/baseline/s_per_step": baseline.wall_s / baseline.steps_run,
             "rm/baseline/train_sequences": baseline.sequences,
-            "rm/baseline/heldout_pair_accuracy": baseline_heldout["pair_accuracy"],
-            "rm/baseline/heldout_top1_accuracy": baseline_heldout["top1_accuracy"],
-            "rm/baseline/heldout_kendall_tau": baseline_heldout["kendall_tau"],
+            **_heldout("rm/baseline", baseline_heldout),
             "rm/baseline/s_per_step_ratio": (baseline.wall_s / baseline.steps_run) / _per_step(result),
             **_benchmarks("rm/baseline", baseline_benchmarks),
         })

@@ -56,9 +56,9 @@ import numpy as np
 import torch
 
 from starling_lib.losses import pairwise_split_loss, plackett_luce_loss
-from starling_lib.models import (CHAT_FORMATS, apply_chat_format, load_tokenizer, quiet_transformers, train_top_layers,
+from starling_lib.models import (CHAT_FORMATS, apply_chat_format, decoder_layers, load_tokenizer, quiet_transformers, train_top_layers,
                                  trunk_output)
-from starling_lib.reward_model import RewardModel, build_reward_model, resolve_backbone, score_sequences
+from starling_lib.reward_model import RewardModel, TrunkCache, build_reward_model, resolve_backbone, score_sequences
 from starling_lib.rm_eval import pair_accuracy, ranking_metrics
 from starling_lib.rm_io import save_reward_model
 from starling_lib.rm_layout import chat_texts, encode_chats, pack_shared_prompts, pad_right
@@ -238,6 +238,7 @@ class RMTrainResult:
     config: RMTrainConfig
     model_dir: Path | None = None
     extra: dict = field(default_factory=dict)
+    trunk_cache: TrunkCache | None = None   # with cache_trunk: every answer's trunk output, for later scoring
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,41 +296,6 @@ def collate_rankings(rows: Sequence[dict], tokenizer, k: int, max_length: int, s
     return out
 
 
-class TrunkCache:
-    """The frozen trunk's output for each answer sequence, computed the first time it is seen.
-
-    With only the top blocks trained (unfrozen_layers >= 0), what the blocks below them make of a
-    sequence never changes, so a sequence seen again (the next epoch, every held-out evaluation)
-    only runs the top blocks. One (length, hidden) tensor is kept per distinct sequence, on the
-    device, in the body's dtype: for 2,500 answers of 128 tokens at SmolLM2's width (576), 0.7 GB
-    in float32.
-    """
-
-    def __init__(self, model, pad_id: int):
-        if model.trunk_split is None:
-            raise ValueError("cache_trunk needs a frozen trunk: unfrozen_layers >= 0 and no LoRA")
-        self.model, self.pad_id, self.store = model, pad_id, {}
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N, T, H) for right-padded sequences (N, T); zeros on the padding (never attended to)."""
-        lengths = attention_mask.sum(-1).tolist()
-        keys = [tuple(ids[:n].tolist()) for ids, n in zip(input_ids, lengths)]
-        missing = sorted({i for i, key in enumerate(keys) if key not in self.store})
-        if missing:
-            rows = torch.tensor(missing, device=input_ids.device)
-            hidden = trunk_output(self.model.backbone, self.model.trunk_split, input_ids=input_ids[rows],
-                                  attention_mask=attention_mask[rows])              # (M, T, H)
-            for j, i in enumerate(missing):
-                self.store[keys[i]] = hidden[j, :lengths[i]].clone()
-        out = self.store[keys[0]].new_zeros(len(keys), input_ids.shape[1], self.store[keys[0]].shape[-1])
-        for i, key in enumerate(keys):
-            out[i, :lengths[i]] = self.store[key]
-        return out
-
-
 # --------------------------------------------------------------------------------------------
 # the trainer
 
@@ -365,11 +331,14 @@ def _evaluate_heldout(model, tokenizer, rows, cfg: RMTrainConfig, trunk_cache: T
     return ranking_metrics([flat[bounds[i]:bounds[i + 1]] for i in range(len(rows))])
 
 
-def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> RMTrainResult:
+def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None,
+                       trunk_cache: TrunkCache | None = None) -> RMTrainResult:
     """Train a reward model on Nectar rankings as `cfg` says; resume from a checkpoint if there is one.
 
     stop_after: end this run after that many optimizer steps in total (as if interrupted), for
         time-boxed jobs and the resume test; a later call with the same config continues.
+    trunk_cache: with cache_trunk, start from another run's cache on the same body (a second loss
+        on the same data then runs no trunk at all); checked against this run's model.
     """
     from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
@@ -415,7 +384,13 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> RMT
         accelerator.print(f"resumed from {latest} at step {start_step}")
 
     end_step = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    trunk_cache = TrunkCache(accelerator.unwrap_model(model), tokenizer.pad_token_id) if cfg.cache_trunk else None
+    if not cfg.cache_trunk:
+        trunk_cache = None
+    elif trunk_cache is None:
+        trunk_cache = TrunkCache(accelerator.unwrap_model(model), tokenizer.pad_token_id)
+    else:
+        trunk_cache.check(accelerator.unwrap_model(model))
+    cached_before = len(trunk_cache) if trunk_cache is not None else 0
     # The top blocks read a cached trunk as padded sequences, so packing gives way to it.
     pack_length = (cfg.pack_length or cfg.max_length) if cfg.packing and not cfg.cache_trunk else 0
     per_process = cfg.batch_size // accelerator.num_processes
@@ -505,7 +480,8 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None) -> RMT
                        extra={"num_processes": accelerator.num_processes, "grad_accum_steps": accum, "eval_s": eval_s,
                               "distributed_type": str(accelerator.distributed_type.value),
                               "num_train_prompts": len(train_rows), "num_test_prompts": len(test_rows),
-                              "trunk_cache_sequences": len(trunk_cache) if trunk_cache is not None else 0})
+                              "trunk_cache_sequences": len(trunk_cache) - cached_before if trunk_cache is not None else 0},
+                       trunk_cache=trunk_cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,6 +569,8 @@ def train_pairwise_baseline(cfg: RMTrainConfig, output_dir: str | os.PathLike) -
     if hasattr(trained, "merge_and_unload"):
         trained = trained.merge_and_unload()
     reward = RewardModel.from_sequence_classifier(trained, tokenizer, cfg.max_length, cfg.backbone, cfg.chat_format).eval()
+    if not cfg.lora_r and cfg.unfrozen_layers >= 0:   # frozen below the top blocks, as build_reward_model marks it
+        reward.trunk_split = len(decoder_layers(reward.backbone)) - cfg.unfrozen_layers
     history = [{"step": h["step"], "rm/loss": h["loss"], "rm/train_pair_accuracy": h.get("accuracy")}
                for h in trainer.state.log_history if "loss" in h]
     sequences = 2 * pairs_per_micro * accum * cfg.steps

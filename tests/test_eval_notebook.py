@@ -25,7 +25,7 @@ def run(tmp_path_factory):
         # One OpenMP thread: on a 2-core machine shared with other jobs, two threads wait on each other
         # at every one of the tiny model's many small ops and run several times slower.
         mp.setenv("OMP_NUM_THREADS", "1")
-        return run_config(REPO_ROOT / "papermill_runs" / "demo_cpu.yaml", out_dir=out, only=["05"],
+        return run_config(REPO_ROOT / "papermill_runs" / "tiny_cpu.yaml", out_dir=out, only=["05"],
                           progress_bar=False, overrides={"max_new_tokens": 8, "alpaca_instructions": 2})
 
 

@@ -122,10 +122,24 @@ def test_rating_distribution_mixes_probabilities_and_written_ratings():
     assert d[("b", 7)] == d[("b", 3)] == 0.5
 
 
+def test_standard_errors_over_questions_and_paired_differences():
+    j = _judgments([("a", 81, "writing", 1, 8.0), ("a", 81, "writing", 2, 6.0),      # question means: a 7, 4
+                    ("a", 101, "math", 1, 4.0), ("a", 101, "math", 2, 4.0),
+                    ("b", 81, "writing", 1, 5.0), ("b", 81, "writing", 2, 5.0),      # b 5, 3
+                    ("b", 101, "math", 1, 3.0), ("b", 101, "math", 2, -1.0)])
+    s = mtbench.scores(j).set_index("model")
+    assert s.loc["a", "mt_bench_se"] == pytest.approx(np.std([7.0, 4.0], ddof=1) / np.sqrt(2))
+    d = mtbench.paired_difference(j, "a", "b")                                    # differences 2 and 1
+    assert (d["diff"], d["n"]) == (pytest.approx(1.5), 2) and d["se"] == pytest.approx(0.5)
+
+
 def test_comparison_table_puts_published_rows_beside_this_run():
-    run = pd.DataFrame([{"model": "apa", "judge": "local:tiny:likelihood", "mode": "likelihood", "mt_bench": 5.5}])
-    t = mtbench.comparison_table(run).set_index("model")
-    assert t.loc["apa", "mt_bench"] == 5.5 and "local:tiny:likelihood" in t.loc["apa", "source"]
+    run = pd.DataFrame([{"model": "apa", "judge": "gpt-4", "mode": "generate", "mt_bench": 5.5},
+                        {"model": "ppo", "judge": "local:tiny:likelihood", "mode": "likelihood", "mt_bench": 5.4}])
+    t = mtbench.comparison_table(run, num_questions=80).set_index("model")
+    assert t.loc["apa", "mt_bench"] == 5.5 and "gpt-4" in t.loc["apa", "source"]
+    assert "ppo" not in t.index                       # another judge's scale is not drawn beside GPT-4's
+    assert "apa" not in mtbench.comparison_table(run, num_questions=8)["model"].tolist()   # nor a subset of questions
     assert t.loc["Starling-7B", "mt_bench"] == 8.09 and t.loc["Openchat-3.5", "mt_bench"] == 7.81
     assert t.loc["GPT-4", "mt_bench"] == 8.99 and t.loc["Zephyr-7B-beta", "mt_bench"] == 7.34
     assert t.loc["Claude-2", "source"].startswith("published")

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    return run_config(REPO_ROOT / "papermill_runs" / "demo_cpu.yaml", out_dir=out, only=["01"], progress_bar=False)
+    return run_config(REPO_ROOT / "papermill_runs" / "tiny_cpu.yaml", out_dir=out, only=["01"], progress_bar=False)
 
 
 def test_metrics_of_the_bundled_sample(run):

@@ -248,7 +248,7 @@ def test_repo_configs_validate_against_the_notebooks(tmp_path):
     an entry is optional only while its notebook does not exist yet."""
     from starling_lib.pipeline import notebook_parameters, resolve_parameters
     from starling_lib.runs import REPO_ROOT
-    for name in ["demo_cpu", "smollm2_cpu", "full_gpu"]:
+    for name in ["demo_cpu", "tiny_cpu", "full_gpu"]:
         config = load_config(REPO_ROOT / "papermill_runs" / f"{name}.yaml")
         assert config.name == name
         assert [e.stem[:2] for e in config.entries] == ["01", "02", "03", "04", "05"]

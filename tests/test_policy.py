@@ -89,6 +89,18 @@ def test_dpo_runs_through_trl_with_the_same_budget_and_evaluation(tiny_cfg, tmp_
     assert len(result.history) == 8 and "policy/dpo/reward_accuracy" in result.history[-1]
 
 
+def test_the_initial_evaluation_is_every_method_s_step_0_and_is_reused_not_repeated(tiny_cfg):
+    from starling_lib.policy import evaluate_initial
+    initial = evaluate_initial(tiny_cfg)
+    for method in ("ppo", "dpo"):
+        cfg = dataclasses.replace(tiny_cfg, method=method)
+        computed = train_policy(cfg).eval_details[0]
+        # what reuse rests on: at step 0 each method's own evaluation is the initial policy's, response for response
+        assert computed["step"] == 0 and computed["rewards"] == pytest.approx(initial["rewards"], abs=1e-5)
+        reused = train_policy(cfg, initial_eval=initial)
+        assert reused.eval_details[0]["rewards"] is initial["rewards"]
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints and resume
 

@@ -15,6 +15,7 @@ from starling_lib.rm_eval import (
     benchmark_correct,
     evaluate_benchmarks,
     fit_linear_reward,
+    length_correlation,
     load_benchmark,
     pair_accuracy,
     prompt_scores,
@@ -108,6 +109,18 @@ def test_evaluate_benchmarks_scores_every_response_of_every_item():
     assert table.loc["verbosity", "accuracy"] == pytest.approx(expected)
     assert table.loc["verbosity", "accuracy"] == 0.0            # the trap: every concise answer is shorter
     assert LengthReward().score(["p", "q"], ["ab", ""]).tolist() == [2.0, 0.0]
+    human = load_benchmark("human_preference", limit=20)
+    right = np.array([(len(it["response_b"]) > len(it["response_a"])) == (it["winner"] == "model_b") for it in human], float)
+    assert table.loc["human_preference", "accuracy_se"] == pytest.approx(right.std(ddof=1) / math.sqrt(20))
+
+
+def test_length_correlation_hand_computed():
+    rows = [{"answers": ["aaa", "aa", "a"]}, {"answers": ["a", "aa", "aaa"]}, {"answers": ["x", "y", "z"]}]
+    # prompt 1: rewards follow length (rho 1); prompt 2: rewards 1, 3, 2 against lengths 1, 2, 3 (rho 0.5);
+    # prompt 3: all lengths equal, left out
+    got = length_correlation([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [0.0, 1.0, 2.0]], rows)
+    assert got["num_prompts"] == 2 and got["mean"] == pytest.approx(0.75)
+    assert got["se"] == pytest.approx(np.std([1.0, 0.5], ddof=1) / math.sqrt(2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -293,3 +293,23 @@ def test_the_cached_trunk_trains_and_evaluates_as_the_full_forward_does():
     assert 0 < cached.extra["trunk_cache_sequences"] < cached.sequences and full.extra["trunk_cache_sequences"] == 0
     with pytest.raises(ValueError, match="needs a frozen trunk"):
         RMTrainConfig(cache_trunk=True)                      # unfrozen_layers -1 trains the whole body
+
+
+def test_one_trunk_cache_serves_a_second_loss_and_trl_s_baseline_and_refuses_another_trunk(tmp_path):
+    settings = dict(TINY, unfrozen_layers=1, packing=False, steps=6, eval_every=6, eval_prompts=4, cache_trunk=True)
+    first = train_reward_model(RMTrainConfig(**settings))
+    filled = len(first.trunk_cache)
+    # the same data with the other loss: every sequence is already cached, so no trunk runs at all
+    other = train_reward_model(RMTrainConfig(**dict(settings, loss="pairwise")), trunk_cache=first.trunk_cache)
+    alone = train_reward_model(RMTrainConfig(**dict(settings, loss="pairwise")))
+    assert other.trunk_cache is first.trunk_cache and len(first.trunk_cache) == filled
+    assert other.extra["trunk_cache_sequences"] == 0
+    assert [h["rm/loss"] for h in other.history] == pytest.approx([h["rm/loss"] for h in alone.history], rel=1e-4)
+    # scoring with the cache gives the full forward's rewards, for the TRL-trained model too
+    baseline = train_pairwise_baseline(RMTrainConfig(**dict(settings, steps=1)), tmp_path / "trl")
+    for model in (first.model, baseline.model):
+        assert torch.allclose(model.score(*PROBE, trunk_cache=first.trunk_cache), model.score(*PROBE), atol=1e-5)
+    # a body whose frozen trunk differs (fewer frozen blocks) is refused, not scored wrongly
+    deeper = train_reward_model(RMTrainConfig(**dict(settings, unfrozen_layers=2, steps=1, eval_every=0)))
+    with pytest.raises(ValueError, match="another trunk"):
+        deeper.model.score(*PROBE, trunk_cache=first.trunk_cache)

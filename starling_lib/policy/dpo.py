@@ -56,8 +56,10 @@ def dpo_dataset(cfg: PolicyTrainConfig, tokenizer):
     return to_trl_preference(pairs.select(order.tolist()))
 
 
-def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_model=None) -> PolicyTrainResult:
-    """DPO with TRL from the initial policy, then the same held-out evaluation as the online methods."""
+def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_model=None,
+              initial_eval: dict | None = None) -> PolicyTrainResult:
+    """DPO with TRL from the initial policy, then the same held-out evaluation as the online methods
+    (initial_eval: the initial policy's, used as the step-0 evaluation, see train_policy)."""
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -103,9 +105,12 @@ def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_mode
     def run_eval(step: int, tuned) -> None:
         nonlocal eval_s
         t = time.perf_counter()
-        with torch.autocast(trainer.args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            wrapped = policy_with_reference(initial_path, tuned, cfg.unfrozen_layers, device=trainer.args.device)
-            e = evaluate_policy(wrapped, tokenizer, reward_model, eval_prompts, **eval_kwargs)
+        if step == 0 and initial_eval is not None:
+            e = initial_eval                # not trained yet: the initial policy's evaluation
+        else:
+            with torch.autocast(trainer.args.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                wrapped = policy_with_reference(initial_path, tuned, cfg.unfrozen_layers, device=trainer.args.device)
+                e = evaluate_policy(wrapped, tokenizer, reward_model, eval_prompts, **eval_kwargs)
         evals.append({"step": step, **{f"policy/dpo/eval_{k}": v for k, v in e.items() if k not in ("examples", "rewards")}})
         eval_details.append({"step": step, **e})
         eval_s += time.perf_counter() - t

@@ -109,7 +109,8 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank) % (2**31 - 1)
 
 
-def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_model=None) -> PolicyTrainResult:
+def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_model=None,
+                 initial_eval: dict | None = None) -> PolicyTrainResult:
     """Tune the initial policy against the reward model with APA, PPO or P3O as `cfg` says;
     resume from a checkpoint if there is one.
 
@@ -118,6 +119,8 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
     reward_model: a scorer to use instead of loading `cfg.reward_model`: anything with
         `score(prompts, responses, batch_size=...) -> (B,) tensor`, such as a rule-based reward
         (it is not part of the checkpoint fingerprint: resume with the same one).
+    initial_eval: the initial policy's evaluation with this config's settings (`evaluate_initial`),
+        taken as the step-0 evaluation instead of computing it again.
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -161,8 +164,11 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
     def run_eval(step: int) -> None:
         nonlocal eval_s
         t = time.perf_counter()
-        e = evaluate_policy(unwrapped, tokenizer, reward_model, eval_prompts, **eval_settings(cfg),
-                            autocast=accelerator.autocast)
+        if step == 0 and initial_eval is not None:
+            e = initial_eval                # the policy is still the initial one
+        else:
+            e = evaluate_policy(unwrapped, tokenizer, reward_model, eval_prompts, **eval_settings(cfg),
+                                autocast=accelerator.autocast)
         if not any(r["step"] == step for r in evals):   # a run resumed at its end has this record already
             evals.append({"step": step, **{f"policy/{method}/eval_{k}": v for k, v in e.items()
                                            if k not in ("examples", "rewards")}})
