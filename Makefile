@@ -48,8 +48,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
 
+# JupyterLab on notebooks/ at Jupyter's defaults: http://localhost:8888/lab (the next free port if
+# that one is taken), a token in the printed URL, a browser opened where there is one. LAB_ARGS adds
+# options, e.g. in a container: make lab LAB_ARGS="--ip=0.0.0.0 --no-browser". lab/ joins the config
+# search path (the user's own Jupyter config still applies): it lets root start the server and
+# saves notebooks without outputs. tests/test_lab_browser.py starts the server the same way.
+LAB_ARGS ?=
+LAB_CONFIG := $(CURDIR)/lab
+
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	JUPYTER_CONFIG_PATH="$(LAB_CONFIG)$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+		$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 gpu: $(STAMP)
 	$(PY) -m starling_lib.pipeline papermill_runs/full_gpu.yaml

@@ -12,6 +12,11 @@ run from the shared plumbing to the stages, never back):
   policy        stage 04 as a package: APA, PPO, P3O online and DPO offline (notebook 04)
   mtbench, alpaca   MT-Bench and AlpacaEval (notebook 05)
   pipeline      papermill runner for papermill_runs/*.yaml
+  progress, notebook_format   tqdm bars in papermill runs; the committed form of the notebooks
 """
 
 __version__ = "0.1.0"
+
+from starling_lib import progress as _progress
+
+_progress.configure_from_environment()  # text bars when a runner asks (STARLING_PLAIN_PROGRESS)

@@ -208,7 +208,7 @@ def annotate(instructions: Sequence[str], model_outputs: Sequence[str], baseline
     preference flipped back. Preferences are cached by (model, index, judge) with a hash of the
     prompt, so a rerun only asks for what is missing or changed.
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     if not len(instructions) == len(model_outputs) == len(baseline_outputs):
         raise ValueError("instructions, model_outputs and baseline_outputs must have the same length")

@@ -99,7 +99,7 @@ def generate(model, tokenizer, prompts: Sequence[str], config: DecodingConfig = 
 
     Batches of `config.batch_size`, longest prompts first so that a batch pads little.
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     if not prompts:
         return []

@@ -89,6 +89,13 @@ def length_bias(answers: pd.DataFrame) -> dict:
     }
 
 
+def preview(text: str, limit: int = 200, one_line: bool = False) -> str:
+    """`text` cut to `limit` characters for printing, marked "… (N more characters)" where cut;
+    `one_line` shows line breaks as "⏎" so each text prints on one line."""
+    shown = text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit:,} more characters)"
+    return shown.replace("\r\n", "⏎").replace("\n", "⏎") if one_line else shown
+
+
 def count_table(values, name: str) -> pd.DataFrame:
     """Counts and shares of a categorical column, most common first."""
     s = pd.Series(list(values), name=name).value_counts()

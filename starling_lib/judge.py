@@ -365,7 +365,7 @@ def rate_dataset(records: Iterable[Mapping], judge: Judge, variant: str, out_pat
     `<out_path>.tmp`, which replaces `out_path` when the run ends; an interrupted run leaves
     `out_path` as it was.
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     cache = JsonlCache(cache_path, CACHE_KEY_FIELDS) if cache_path else None
     identity = judge.cache_identity()

@@ -354,14 +354,19 @@ def _new_run_dir(name: str) -> Path:
 def _kernel_env():
     # `MPLBACKEND=Agg` (set for headless runs) reaches the kernel and keeps ipykernel from choosing
     # its inline backend, so executed notebooks would have no figures in them. Inline is headless too.
-    saved = os.environ.get("MPLBACKEND")
-    if saved is not None and saved.lower() == "agg":
+    # STARLING_PLAIN_PROGRESS: tqdm bars as text in the log, not widgets nobody watches (progress.py).
+    saved = {name: os.environ.get(name) for name in ("MPLBACKEND", "STARLING_PLAIN_PROGRESS")}
+    if saved["MPLBACKEND"] is not None and saved["MPLBACKEND"].lower() == "agg":
         del os.environ["MPLBACKEND"]
+    os.environ["STARLING_PLAIN_PROGRESS"] = "1"
     try:
         yield
     finally:
-        if saved is not None:
-            os.environ["MPLBACKEND"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _read_metrics(path: Path) -> tuple[dict[str, Any], str | None]:

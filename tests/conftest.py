@@ -31,7 +31,8 @@ def run_notebook():
     """
     def run(stem: str, tmp: Path, parameters: dict, env: dict | None = None):
         # Busy-waiting OpenMP threads collapse when other jobs share the cores; passive waiting does not.
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+        # Progress bars as text, not widgets nobody watches (starling_lib/progress.py).
+        env = {"OMP_WAIT_POLICY": "PASSIVE", "STARLING_PLAIN_PROGRESS": "1", **(env or {})}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:

@@ -1,15 +1,19 @@
-"""Every committed notebook follows the house conventions: no outputs, a typed parameters cell.
+"""Every committed notebook follows the house conventions: no outputs, the project's kernel, a typed
+parameters cell.
 
 The executed runs of the notebooks live in tests/test_<stage>_notebook.py (nectar, bias, rm,
 policy, eval), through the run_notebook fixture of conftest.py.
 """
 
 import ast
+import copy
 from pathlib import Path
 
 import nbformat
 import papermill
 import pytest
+
+from starling_lib.notebook_format import KERNELSPEC, strip_outputs
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -28,6 +32,35 @@ def test_committed_without_outputs(nb):
     dirty = [i for i, c in enumerate(notebook.cells)
              if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count"))]
     assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; clear them before committing"
+
+
+def test_committed_as_the_lab_saves_it(nb):
+    # JupyterLab's pre-save hook (make lab) writes this form; a notebook already in it saves unchanged.
+    path, notebook = nb
+    assert strip_outputs(copy.deepcopy(notebook)) == notebook, \
+        f"{path.name}: run metadata left in it (widget state, cell timings, language_info details)"
+
+
+def test_names_the_project_kernel(nb):
+    path, notebook = nb
+    assert notebook.metadata.get("kernelspec") == KERNELSPEC, (
+        f"{path.name}: kernelspec {notebook.metadata.get('kernelspec')}, expected {KERNELSPEC} (the kernel "
+        f"`make setup` installs); run: .venv/bin/python scripts/set_kernelspec.py notebooks/{path.name}")
+
+
+def test_no_path_echoed_above_a_figure(nb):
+    # runs.save_figure returns the file's path: as a cell's last expression Jupyter prints
+    # PosixPath('.../figures/x.png') above the figure. End the line with ";" (or assign it).
+    def echoes(source):
+        body = ast.parse(source).body
+        if not body or not isinstance(body[-1], ast.Expr) or "save_figure" not in ast.unparse(body[-1]):
+            return False
+        last = body[-1]
+        return not source.splitlines()[last.end_lineno - 1][last.end_col_offset:].lstrip().startswith(";")
+
+    path, notebook = nb
+    echoing = [c.id for c in notebook.cells if c.cell_type == "code" and echoes(c.source)]
+    assert not echoing, f"{path.name}: cells {echoing} end with runs.save_figure(...) and echo its path; add ';'"
 
 
 def test_one_parameters_cell_with_typed_literals_and_help(nb):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -260,3 +261,12 @@ def test_repo_configs_validate_against_the_notebooks(tmp_path):
                 assert entry.optional
     lr = {e.stem: e.parameters.get("lr") for e in load_config(REPO_ROOT / "papermill_runs/full_gpu.yaml").entries}
     assert lr["03_kwise_reward_training"] == 1e-5 and lr["04_policy_tuning"] == 2e-7
+
+
+def test_kernels_get_text_progress_bars_and_an_inline_backend_and_the_environment_is_restored(monkeypatch):
+    from starling_lib.pipeline import _kernel_env
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("STARLING_PLAIN_PROGRESS", raising=False)
+    with _kernel_env():
+        assert "MPLBACKEND" not in os.environ and os.environ["STARLING_PLAIN_PROGRESS"] == "1"
+    assert os.environ["MPLBACKEND"] == "Agg" and "STARLING_PLAIN_PROGRESS" not in os.environ
