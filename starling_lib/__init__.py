@@ -11,7 +11,7 @@ run from the shared plumbing to the stages, never back):
   chat, sampling, rollout, sft   chat formats; rollouts with a shared-trunk reference; the warm-up SFT
   policy        stage 04 as a package: APA, PPO, P3O online and DPO offline (notebook 04)
   mtbench, alpaca   MT-Bench and AlpacaEval (notebook 05)
-  pipeline      papermill runner for papermill_runs/*.yaml
+  pipeline, sweep   papermill runner for papermill_runs/*.yaml; seed sweeps summarised across seeds
   progress, notebook_format   tqdm bars in papermill runs; the committed form of the notebooks
 """
 

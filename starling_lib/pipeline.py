@@ -3,6 +3,7 @@
     python -m starling_lib.pipeline papermill_runs/demo_cpu.yaml
     python -m starling_lib.pipeline papermill_runs/demo_cpu.yaml --only 01,03 --set seed=1
     python -m starling_lib.pipeline papermill_runs/full_gpu.yaml --out papermill_runs/outputs/mine
+    python -m starling_lib.pipeline papermill_runs/tiny_cpu.yaml --seeds 0,1,2,3   # a seed sweep
 
 or from Python (tests, notebooks):
 
@@ -18,6 +19,9 @@ papermill_runs/README.md for the schema). The runner
     that no parameter looks like a credential (keys come from environment variables only);
   * passes a shared parameter only to the notebooks that declare it, and `run_dir` (the run
     folder, absolute) to every notebook;
+  * types a `--set key=value` value as the notebook declares the parameter: read as YAML
+    (`steps=10` is an int), except that a `str` parameter keeps the text (`judge=no` is "no",
+    not YAML 1.1's False; `policy=1.0` is "1.0");
   * executes each notebook with cwd = the notebook's folder (as JupyterLab does) and kernel
     `python3`, i.e. the environment of the interpreter running this module;
   * writes into the run folder (default `papermill_runs/outputs/<name>-<YYYYmmdd-HHMMSS>/`):
@@ -33,6 +37,10 @@ papermill_runs/README.md for the schema). The runner
 `--out` names the run folder itself. Pointing it at an earlier run folder resumes that run: a
 notebook finds its predecessors' artifacts there, and summary.json keeps the earlier notebooks'
 entries, so `--only 03,04,05 --out <run>` reruns the tail of a run after a fix.
+
+`--seeds 0,1,2,3` runs the config once per seed, into `<run folder>/seed_<n>/`, and summarises
+the metrics across seeds (mean, standard deviation, standard error, 95% t-interval): see
+starling_lib/sweep.py.
 """
 
 from __future__ import annotations
@@ -54,7 +62,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from starling_lib.runs import CREDENTIAL_NAME, CREDENTIAL_VALUE, REPO_ROOT, git_commit, parse_sets, read_yaml
+from starling_lib.runs import (CREDENTIAL_NAME, CREDENTIAL_VALUE, REPO_ROOT, git_commit, parse_setting,
+                               read_yaml, split_sets)
 
 OUTPUTS_DIR = REPO_ROOT / "papermill_runs" / "outputs"
 KERNEL = "python3"
@@ -73,11 +82,28 @@ class PipelineError(Exception):
     """A bad config or a failed notebook; the message says which and why."""
 
 
-def parse_set(items: Iterable[str]) -> dict[str, Any]:
-    """`["steps=10", "lr=1e-5", "device=cpu"]` -> `{"steps": 10, "lr": 1e-05, "device": "cpu"}`:
-    `runs.parse_sets`, the one `--set` reader, with its errors as PipelineError."""
+class NotebookFailed(PipelineError):
+    """A notebook of the run raised (the config was fine): `run_dir` is the run folder, `notebook`
+    the failing notebook's stem; the message names the cell and the exception."""
+
+    def __init__(self, message: str, run_dir: Path, notebook: str):
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.notebook = notebook
+
+
+class SetText(str):
+    """A `--set` value as typed on the command line. Its Python type is decided once the notebook's
+    declaration is known (`typed_setting`): YAML would read `judge=no` as False."""
+
+
+def parse_set(items: Iterable[str]) -> dict[str, SetText]:
+    """`["steps=10", "judge=no"]` -> `{"steps": SetText("10"), "judge": SetText("no")}`: the
+    values stay text until `resolve_parameters` types them by each notebook's declaration (see
+    `typed_setting`). Split and checked by `runs.split_sets`, as every `--set` of the project;
+    errors are PipelineError."""
     try:
-        return parse_sets(items)
+        return {key: SetText(text) for key, text in split_sets(items).items()}
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
 
@@ -280,9 +306,37 @@ def _type_ok(value: Any, allowed: tuple[type, ...]) -> bool:
     return isinstance(value, allowed)
 
 
+def typed_setting(text: str, annotation: str | None) -> Any:
+    """A `--set` value for a parameter declared with `annotation` (e.g. "int", "str | None").
+
+    The YAML reading (`10` -> 10, `1e-5` -> 1e-05, `true` -> True, `null` -> None) when the
+    declared type accepts it; otherwise the text itself when the type accepts text, so a `str`
+    parameter keeps what was typed (`no`, `off`, `1.0`, `10` stay text, where YAML 1.1 would give
+    False, False, 1.0, 10). Otherwise, and for an undeclared or unreadable type, the YAML reading,
+    which the type check then reports if it does not fit.
+    """
+    try:
+        value = parse_setting(str(text))
+    except Exception:  # not valid YAML, e.g. `a: b: c`: fine for a text parameter
+        value = str(text)
+    allowed = _allowed_types(annotation)
+    if allowed is not None and not _type_ok(value, allowed) and str in allowed:
+        return str(text)
+    return value
+
+
+def _untyped_value(value: Any) -> Any:
+    """A value with no declaration to type it by: a `--set` text read as YAML."""
+    return typed_setting(value, None) if isinstance(value, SetText) else value
+
+
 def resolve_parameters(config: Config, entry: Entry, declared: Mapping[str, Mapping[str, Any]],
                        run_dir: Path) -> dict[str, Any]:
-    """What the notebook receives: the shared parameters it declares, its own, and `run_dir`."""
+    """What the notebook receives: the shared parameters it declares, its own, and `run_dir`.
+
+    A `--set` value (SetText) is typed here by the notebook's declaration (`typed_setting`), so
+    the same text can be a str for one notebook and an int for another that declares it so.
+    """
     unknown = [k for k in entry.parameters if k not in declared]
     if unknown:
         import difflib
@@ -301,6 +355,8 @@ def resolve_parameters(config: Config, entry: Entry, declared: Mapping[str, Mapp
     params.update(entry.parameters)
     params["run_dir"] = str(run_dir)
     for name, value in params.items():
+        if isinstance(value, SetText):
+            value = params[name] = typed_setting(value, declared[name].get("type"))
         allowed = _allowed_types(declared[name].get("type"))
         if allowed is not None and not _type_ok(value, allowed):
             raise PipelineError(
@@ -441,17 +497,38 @@ def _write_summary(run_dir: Path, run: dict[str, Any], config: Config,
     (run_dir / "summary.md").write_text("\n".join(md))
 
 
-def run_config(config_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-               only: Sequence[str] | str | None = None, overrides: Mapping[str, Any] | None = None,
-               *, log_output: bool = False, progress_bar: bool = True, kernel: str = KERNEL) -> Path:
-    """Run a config's notebooks in order and return the run folder.
+@dataclass
+class RunPlan:
+    """A checked run, not started: what `plan_run` found and `execute_plan` carries out."""
+    config: Config
+    only: list[str] | None
+    kernel: str
+    notebooks: dict[str, dict[str, Any]]   # every entry of the config: stem -> its summary entry
+    steps: list[tuple[Entry, dict[str, Any]]]  # the notebooks to execute, in order, with their parameters
+    unused: list[str]                      # shared parameters no notebook of this run declares
+    run_dir: Path | None                   # None: a new folder under OUTPUTS_DIR when it starts
 
-    `out_dir` is the run folder itself (default `papermill_runs/outputs/<name>-<timestamp>/`);
-    `only` selects notebooks by number prefix or stem (`["01", "03"]` or `"01,03"`); `overrides`
-    replace parameters like `--set`. Raises PipelineError for a bad config or a failed notebook.
-    """
-    import papermill
 
+def _record_typed_overrides(config: Config, steps: Sequence[tuple[Entry, dict[str, Any]]]) -> None:
+    """Replace the `--set` texts in `config` by their typed values, for config.yaml and summary.json:
+    as the first notebook of the run that receives the parameter typed it, else read as YAML."""
+    typed = {}
+    for key, value in config.overrides.items():
+        if isinstance(value, SetText):
+            typed[key] = next((params[key] for _, params in steps if key in params), _untyped_value(value))
+    config.overrides.update(typed)
+    config.parameters.update({k: v for k, v in typed.items() if k in config.parameters})
+    run = {entry.stem: params for entry, params in steps}
+    for entry in config.entries:
+        for key in set(typed) & set(entry.parameters):
+            entry.parameters[key] = run[entry.stem][key] if entry.stem in run else typed[key]
+
+
+def plan_run(config_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+             only: Sequence[str] | str | None = None, overrides: Mapping[str, Any] | None = None,
+             *, kernel: str = KERNEL) -> RunPlan:
+    """Check a run without starting it (nothing is written): the config, the notebooks, their
+    parameters and the `--set` keys. Raises PipelineError naming what is wrong."""
     config = load_config(config_path, overrides)
     if isinstance(only, str):
         only = only.split(",")
@@ -460,8 +537,11 @@ def run_config(config_path: str | os.PathLike, out_dir: str | os.PathLike | None
     # Check every notebook that will run before the first kernel starts: a typo found after an
     # hour of reward-model training is an hour lost.
     notebooks: dict[str, dict[str, Any]] = {}
-    plan: list[tuple[Entry, dict[str, Any]]] = []
+    steps: list[tuple[Entry, dict[str, Any]]] = []
     run_dir = Path(out_dir).resolve() if out_dir else None
+    if run_dir is not None and (run_dir / "sweep.json").is_file():
+        raise PipelineError(f"--out {run_dir} is the folder of a seed sweep (sweep.json); rerun the sweep "
+                            f"with --seeds, or give one seed's folder, {run_dir}/seed_<n>")
     placeholder = run_dir or OUTPUTS_DIR / f"{config.name}-<timestamp>"
     missing = []
     for entry in config.entries:
@@ -476,24 +556,46 @@ def run_config(config_path: str | os.PathLike, out_dir: str | os.PathLike | None
                 missing.append(entry.spec)
         else:
             declared = notebook_parameters(entry.path, kernel)
-            plan.append((entry, resolve_parameters(config, entry, declared, placeholder)))
+            steps.append((entry, resolve_parameters(config, entry, declared, placeholder)))
     if missing:
         raise PipelineError(f"config {config.path}: notebook(s) not found: {', '.join(missing)} "
                             f"(paths are relative to {REPO_ROOT}; mark an entry `optional: true` "
                             f"to skip it while it doesn't exist)")
-    if not plan:
+    if not steps:
         raise PipelineError(f"config {config.path}: nothing to run (no selected notebook exists)")
-    used = {k for _, params in plan for k in params}
+    used = {k for _, params in steps for k in params}
     for key in config.overrides:
         # A name the config already uses is a known parameter, maybe of a notebook not run now;
         # a new one must be declared by a notebook of this run, or it is a typo.
         if key not in used and key not in config.keys_in_file:
             raise PipelineError(f"--set {key}: neither the config nor any notebook in this run has a "
                                 f"parameter {key!r}")
+    _record_typed_overrides(config, steps)
     unused = [k for k in config.parameters if k not in used]
+    return RunPlan(config, list(only) if only else None, kernel, notebooks, steps, unused, run_dir)
 
-    if run_dir is None:
-        run_dir = _new_run_dir(config.name)
+
+def run_config(config_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+               only: Sequence[str] | str | None = None, overrides: Mapping[str, Any] | None = None,
+               *, log_output: bool = False, progress_bar: bool = True, kernel: str = KERNEL) -> Path:
+    """Run a config's notebooks in order and return the run folder.
+
+    `out_dir` is the run folder itself (default `papermill_runs/outputs/<name>-<timestamp>/`);
+    `only` selects notebooks by number prefix or stem (`["01", "03"]` or `"01,03"`); `overrides`
+    replace parameters like `--set` (Python values, or `parse_set`'s texts, typed by each
+    notebook's declaration). Raises PipelineError for a bad config, before anything runs, and
+    NotebookFailed (a PipelineError) for a failed notebook.
+    """
+    plan = plan_run(config_path, out_dir, only, overrides, kernel=kernel)
+    return execute_plan(plan, log_output=log_output, progress_bar=progress_bar)
+
+
+def execute_plan(plan: RunPlan, *, log_output: bool = False, progress_bar: bool = True) -> Path:
+    """Carry out a `plan_run` plan (see run_config) and return the run folder."""
+    import papermill
+
+    config, notebooks, steps, kernel, only = plan.config, plan.notebooks, plan.steps, plan.kernel, plan.only
+    run_dir = plan.run_dir if plan.run_dir is not None else _new_run_dir(config.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = {}
     if (run_dir / "summary.json").is_file():  # resuming a run folder: keep what ran before
@@ -502,7 +604,7 @@ def run_config(config_path: str | os.PathLike, out_dir: str | os.PathLike | None
     for stem, info in notebooks.items():
         if info.get("status") == "skipped" and previous.get(stem, {}).get("status") in ("ok", "failed"):
             notebooks[stem] = previous[stem]
-    for entry, params in plan:
+    for entry, params in steps:
         params["run_dir"] = str(run_dir)
         notebooks[entry.stem].update(status="pending", parameters=params)
 
@@ -510,7 +612,7 @@ def run_config(config_path: str | os.PathLike, out_dir: str | os.PathLike | None
     (run_dir / "config.yaml").write_text(header + yaml.safe_dump(config.as_dict(), sort_keys=False))
     run = {"name": config.name, "description": config.description, "config": _rel(config.path),
            "run_dir": str(run_dir), "status": "running", "started": _now(), "finished": None,
-           "only": list(only) if only else None, "overrides": config.overrides, "kernel": kernel,
+           "only": only, "overrides": config.overrides, "kernel": kernel,
            "python": sys.executable, "git_commit": git_commit()}
 
     print(f"Run {config.name} -> {run_dir}")
@@ -522,17 +624,17 @@ def run_config(config_path: str | os.PathLike, out_dir: str | os.PathLike | None
             print(f"  skip  {stem}  ({info['reason']})")
         else:
             print(f"  keep  {stem}  ({info['status']} in an earlier invocation)")
-    if unused:
-        print(f"  note: shared parameter(s) {unused} declared by no notebook in this run")
+    if plan.unused:
+        print(f"  note: shared parameter(s) {plan.unused} declared by no notebook in this run")
     _write_summary(run_dir, run, config, notebooks)
 
     failure = None
-    for i, (entry, params) in enumerate(plan, 1):
+    for i, (entry, params) in enumerate(steps, 1):
         info = notebooks[entry.stem]
         executed = run_dir / f"{entry.stem}.ipynb"
         # A metrics.json left by an earlier run of this folder must not pass for this run's.
         (run_dir / entry.stem / "metrics.json").unlink(missing_ok=True)
-        print(f"[{i}/{len(plan)}] {entry.stem}", flush=True)
+        print(f"[{i}/{len(steps)}] {entry.stem}", flush=True)
         info.update(started=_now(), executed_notebook=executed.name)
         t0 = time.perf_counter()
         try:
@@ -555,7 +657,7 @@ def run_config(config_path: str | os.PathLike, out_dir: str | os.PathLike | None
             info["status"] = "ok"
         info.update(wall_s=round(time.perf_counter() - t0, 2), finished=_now())
         if failure:
-            for later, _ in plan[i:]:
+            for later, _ in steps[i:]:
                 notebooks[later.stem].update(status="not run", reason=f"{entry.stem} failed")
             break
         _write_summary(run_dir, run, config, notebooks)
@@ -564,9 +666,10 @@ def run_config(config_path: str | os.PathLike, out_dir: str | os.PathLike | None
     run.update(status="failed" if failure else "ok", finished=_now())
     _write_summary(run_dir, run, config, notebooks)
     if failure:
-        raise PipelineError(f"{failure}\n  run folder: {run_dir} (summary.json marks it failed)\n"
-                            f"  after a fix, rerun from there: python -m starling_lib.pipeline {config.path} "
-                            f"--only {','.join(e.stem.split('_')[0] for e, _ in plan[i - 1:])} --out {run_dir}")
+        raise NotebookFailed(f"{failure}\n  run folder: {run_dir} (summary.json marks it failed)\n"
+                             f"  after a fix, rerun from there: python -m starling_lib.pipeline {config.path} "
+                             f"--only {','.join(e.stem.split('_')[0] for e, _ in steps[i - 1:])} --out {run_dir}",
+                             run_dir, entry.stem)
     print(f"Done: {run_dir / 'summary.md'}")
     return run_dir
 
@@ -577,18 +680,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run the notebooks of a papermill_runs/*.yaml config in order (see papermill_runs/README.md).")
     parser.add_argument("config", help="run config, e.g. papermill_runs/demo_cpu.yaml")
     parser.add_argument("--only", help="comma-separated notebook numbers or stems to run, e.g. 01,03")
-    parser.add_argument("--out", help="the run folder (default papermill_runs/outputs/<name>-<timestamp>); "
-                                      "an existing run folder is resumed")
+    parser.add_argument("--out", help="the run folder (default papermill_runs/outputs/<name>-<timestamp>, "
+                                      "<name>-sweep-<timestamp> with --seeds); an existing run folder is resumed")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter (value read as YAML: 10 is an int); repeatable")
+                        help="override a parameter, typed as the notebook declares it (steps=10 is an int "
+                             "for `steps: int`, judge=no stays text for `judge: str`); repeatable")
+    parser.add_argument("--seeds", metavar="0,1,2,3",
+                        help="a seed sweep: run the notebooks once per seed (the `seed` parameter), each "
+                             "into <run folder>/seed_<n>/, and summarise the metrics across seeds")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' cell output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--kernel", default=KERNEL, help=f"Jupyter kernel (default {KERNEL}: this interpreter)")
     args = parser.parse_args(argv)
+    options = dict(out_dir=args.out, only=args.only.split(",") if args.only else None,
+                   log_output=args.log_output, progress_bar=not args.no_progress, kernel=args.kernel)
     try:
-        run_config(args.config, out_dir=args.out, only=args.only.split(",") if args.only else None,
-                   overrides=parse_set(args.overrides), log_output=args.log_output,
-                   progress_bar=not args.no_progress, kernel=args.kernel)
+        overrides = parse_set(args.overrides)
+        if args.seeds is not None:
+            from starling_lib.sweep import parse_seeds, run_sweep
+            run_sweep(args.config, parse_seeds(args.seeds), overrides=overrides, **options)
+        else:
+            run_config(args.config, overrides=overrides, **options)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -596,4 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy's: starling_lib.sweep raises
+    # starling_lib.pipeline.PipelineError, which a __main__.PipelineError handler would not catch.
+    from starling_lib.pipeline import main as _main
+    sys.exit(_main())

@@ -201,16 +201,22 @@ def parse_setting(text: str, text_field: bool = False) -> Any:
     return read_yaml(text)
 
 
-def parse_sets(items, text_fields=()) -> dict[str, Any]:
-    """`["steps=10", "device=cpu"]` -> `{"steps": 10, "device": "cpu"}` (see parse_setting)."""
+def split_sets(items) -> dict[str, str]:
+    """`["steps=10", "device=cpu"]` -> `{"steps": "10", "device": "cpu"}`: each `key=value` split at
+    its first `=`, the value left as text; a later item wins over an earlier one of the same key."""
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
             raise ValueError(f"--set {item!r}: expected key=value with key a setting's name")
-        out[key] = parse_setting(raw, key in text_fields)
+        out[key] = raw
     return out
+
+
+def parse_sets(items, text_fields=()) -> dict[str, Any]:
+    """`["steps=10", "device=cpu"]` -> `{"steps": 10, "device": "cpu"}` (see parse_setting)."""
+    return {key: parse_setting(raw, key in text_fields) for key, raw in split_sets(items).items()}
 
 
 def load_dataclass_config(cls, path: str | os.PathLike | None, overrides=()):

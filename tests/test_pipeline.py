@@ -238,8 +238,9 @@ def test_bad_config_files(tmp_path):
 
 
 def test_parse_set():
+    # The values stay text until each notebook's declaration types them (tests/test_sweep.py).
     assert parse_set(["steps=10", "lr=1e-5", "device=cpu", "flag=true"]) == {
-        "steps": 10, "lr": 1e-5, "device": "cpu", "flag": True}
+        "steps": "10", "lr": "1e-5", "device": "cpu", "flag": "true"}
     with pytest.raises(PipelineError):
         parse_set(["steps"])
 
