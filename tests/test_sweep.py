@@ -15,14 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import pandas as pd
 import pytest
-import yaml
 
 from starling_lib.pipeline import PipelineError, main, run_config
 from starling_lib.sweep import (HEADLINES, SweepFailed, load_sweep, parse_seeds, plot_sweep, run_sweep,
                                 sweep_seeds, sweep_table, t_interval, write_sweep_summary)
+from toy_notebooks import make_notebook, write_config
 
 # Student's t, two-sided 95% (the 0.975 quantile), from a printed table.
 T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824}
@@ -194,23 +193,6 @@ def test_headlines_name_real_metrics():
 
 
 # ---- sweeps that run notebooks ----------------------------------------------------------------
-
-def make_notebook(folder: Path, stem: str, params: str, body: list[str]) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cell = nbformat.v4.new_code_cell('run_dir: str = ""  # the run folder\n' + params)
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell] + [nbformat.v4.new_code_cell(src) for src in body]
-    path = folder / f"{stem}.ipynb"
-    nbformat.write(nb, path)
-    return path
-
-
-def write_config(folder: Path, config: dict, name: str = "cfg.yaml") -> Path:
-    path = folder / name
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
