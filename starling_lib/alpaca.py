@@ -10,7 +10,12 @@ and Starling-LM-7B-alpha's, plus the AlpacaEval 2.0 leaderboard.
   * Preference p in [1, 2] (2: output_2 wins), as AlpacaEval encodes it. The weighted annotator
     reads it off the judge's next-token probabilities, p = 2 - P(m) / (P(m) + P(M)); `LocalPairwiseJudge`
     does exactly that with a local model. `ApiPairwiseJudge` reads the judge's one-token reply
-    (p = 1 or 2; a reply that is neither identifier is NaN and dropped).
+    (p = 1 or 2; a reply that is neither identifier has no preference, NaN).
+  * Failed and unparsable replies are told apart: `annotate` gives every row a `status`, "ok",
+    "unparsable" (the judge answered, but with neither identifier: the reply was paid for, so it is
+    cached with its text and not asked again) or "failed" (the request failed for good: not cached,
+    so a rerun asks again), warns with both counts, and `summarize` reports them (n_unparsable,
+    n_failed) beside n_total, the preferences the win rate counts.
   * `annotate`: the evaluated model is output_2 and the baseline output_1, with the two swapped on a
     seeded random half of the instructions (AlpacaEval randomises the order to cancel position
     bias) and the preference flipped back (p -> 3 - p).
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -174,13 +180,21 @@ class LocalPairwiseJudge:
         return float(2 - expit(logp_m - logp_M))  # P(m) / (P(m) + P(M)) = sigmoid(logp_m - logp_M)
 
 
+def parse_identifier(text: str) -> float:
+    """The preference a judge's reply names: its first character "m" is 1.0, "M" 2.0, anything
+    else (an unparsable reply) NaN."""
+    return {"m": 1.0, "M": 2.0}.get(text.strip()[:1], float("nan"))
+
+
 class ApiPairwiseJudge:
     """An OpenAI-compatible judge (AlpacaEval 2.0's is gpt-4-1106-preview) answering with one token.
 
-    Reads the reply's first character ("m": 1, "M": 2, else NaN): the discrete preference of
-    AlpacaEval's non-weighted annotators. The weighted annotator's logprobs are not used, because
-    the shared client (llm_client.ChatClient) returns only the reply text. `client`: by default one
-    from the environment, as mtbench.ApiJudge's, at temperature 0 with 1 output token.
+    Reads the reply's first character ("m": 1, "M": 2, else NaN, see `parse_identifier`): the
+    discrete preference of AlpacaEval's non-weighted annotators. The weighted annotator's logprobs
+    are not used, because the shared client (llm_client.ChatClient) returns only the reply text.
+    A request that fails for good raises llm_client.RequestError (it is not an unparsable reply).
+    `client`: by default one from the environment, as mtbench.ApiJudge's, at temperature 0 with 1
+    output token.
     """
 
     def __init__(self, model: str | None = None, client: ChatClient | None = None):
@@ -189,24 +203,35 @@ class ApiPairwiseJudge:
         self.client = client
         self.id = f"api:{client.config.model}"
 
-    def prefer(self, system: str, user: str) -> float:
+    def judge_reply(self, system: str, user: str) -> tuple[float, str]:
+        """(preference, the judge's reply text); RequestError when the request fails."""
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        try:
-            text = self.client.complete_messages(messages).text.strip()
-        except RequestError:
-            return float("nan")
-        return {"m": 1.0, "M": 2.0}.get(text[:1], float("nan"))
+        text = self.client.complete_messages(messages).text
+        return parse_identifier(text), text
+
+    def prefer(self, system: str, user: str) -> float:
+        """The preference (NaN for an unparsable reply); RequestError when the request fails."""
+        return self.judge_reply(system, user)[0]
+
+
+def _ask(judge, system: str, user: str) -> tuple[float, str | None]:
+    """(shown preference, reply text or None) from any judge: with its reply where it has one."""
+    if hasattr(judge, "judge_reply"):
+        return judge.judge_reply(system, user)
+    return float(judge.prefer(system, user)), None
 
 
 def annotate(instructions: Sequence[str], model_outputs: Sequence[str], baseline_outputs: Sequence[str], judge,
              *, model_name: str, cache_path: str | os.PathLike | None = None, seed: int = 0, max_chars: int = 0,
              progress: bool = True) -> pd.DataFrame:
     """One row per instruction: index, instruction, output_1 (baseline), output_2 (model), swapped,
-    preference (in [1, 2], 2: the model wins; NaN: no preference).
+    preference (in [1, 2], 2: the model wins; NaN: no preference), status ("ok", "unparsable":
+    the judge named neither output, "failed": the request failed) and error (what went wrong).
 
     On a seeded random half of the instructions the model's output is shown first and the judge's
-    preference flipped back. Preferences are cached by (model, index, judge) with a hash of the
-    prompt, so a rerun only asks for what is missing or changed.
+    preference flipped back. Preferences, and unparsable replies with their text, are cached by
+    (model, index, judge) with a hash of the prompt, so a rerun only asks for what is missing,
+    changed or failed. A warning gives the counts of failed and unparsable rows.
     """
     from tqdm.auto import tqdm
 
@@ -220,17 +245,37 @@ def annotate(instructions: Sequence[str], model_outputs: Sequence[str], baseline
         system, user = judge_prompt(instructions[i], first, second, max_chars)
         sha = content_hash(system, user)
         hit = cache.get(model_name, i, judge.id) if cache is not None else None
+        error = None
         if hit is not None and hit["prompt_sha"] == sha:
-            shown = hit["shown_preference"]
+            shown = float("nan") if hit["shown_preference"] is None else hit["shown_preference"]
+            status = hit.get("status", "ok")
+            reply = hit.get("reply")
         else:
-            shown = judge.prefer(system, user)
-            if cache is not None and not np.isnan(shown):
-                cache.put({"model": model_name, "index": i, "judge": judge.id, "prompt_sha": sha,
-                           "shown_preference": shown})
+            try:
+                shown, reply = _ask(judge, system, user)
+            except RequestError as e:   # failed for good: not cached, a rerun asks again
+                shown, reply, status, error = float("nan"), None, "failed", str(e)
+            else:
+                status = "unparsable" if np.isnan(shown) else "ok"
+                if cache is not None:
+                    record = {"model": model_name, "index": i, "judge": judge.id, "prompt_sha": sha,
+                              "shown_preference": None if status == "unparsable" else shown, "status": status}
+                    if status == "unparsable":
+                        record["reply"] = reply
+                    cache.put(record)
+        if status == "unparsable":
+            error = f"the judge named neither output: {reply!r:.80}" if reply is not None else "no preference"
         rows.append({"index": i, "instruction": instructions[i], "output_1": baseline_outputs[i],
                      "output_2": model_outputs[i], "swapped": bool(swapped[i]),
-                     "preference": 3 - shown if swapped[i] else shown})
-    return pd.DataFrame(rows)
+                     "preference": 3 - shown if swapped[i] else shown, "status": status, "error": error})
+    out = pd.DataFrame(rows)
+    n_failed, n_unparsable = int((out["status"] == "failed").sum()), int((out["status"] == "unparsable").sum())
+    if n_failed or n_unparsable:
+        replies = "reply" if n_unparsable == 1 else "replies"
+        warnings.warn(f"AlpacaEval {model_name}: of {len(out)} instructions, {n_failed} failed request(s) (not "
+                      f"cached: a rerun asks again) and {n_unparsable} unparsable {replies} naming neither "
+                      f"output (cached); both are left out of the win rate", stacklevel=2)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,8 +357,15 @@ def length_controlled_win_rate(preferences: Sequence[float], model_lengths: Sequ
 
 
 def summarize(annotations: pd.DataFrame, instruction_difficulty: Sequence[float] | None = None) -> dict:
-    """Win rate, discrete win rate, LC win rate and counts of an `annotate` table."""
+    """Win rate, discrete win rate, LC win rate and counts of an `annotate` table: n_total rows
+    with a preference, n_failed (requests that failed) and n_unparsable (replies that named
+    neither output; without a `status` column, every row with no preference)."""
     out = win_rate(annotations["preference"])
+    if "status" in annotations:
+        out.update(n_failed=int((annotations["status"] == "failed").sum()),
+                   n_unparsable=int((annotations["status"] == "unparsable").sum()))
+    else:
+        out.update(n_failed=0, n_unparsable=int(annotations["preference"].isna().sum()))
     fit = length_controlled_win_rate(annotations["preference"], annotations["output_2"].str.len(),
                                      annotations["output_1"].str.len(), instruction_difficulty)
     out.update(length_controlled_winrate=fit.lc_win_rate, lc_standard_error=fit.lc_standard_error, glm=fit.glm,
@@ -341,7 +393,8 @@ def summary_metrics(summary: pd.DataFrame, prefix: str = "eval/alpaca_eval") -> 
     """Flat metrics `{prefix}/{model}/win_rate`, `.../lc_win_rate`, ... of an `evaluate_outputs` summary."""
     names = {"win_rate": "win_rate", "standard_error": "win_rate_se", "discrete_win_rate": "discrete_win_rate",
              "length_controlled_winrate": "lc_win_rate", "lc_standard_error": "lc_win_rate_se",
-             "n_total": "n_judged", "glm": "lc_glm", "length_weight": "lc_length_weight", "judge": "judge"}
+             "n_total": "n_judged", "n_failed": "n_failed", "n_unparsable": "n_unparsable",
+             "glm": "lc_glm", "length_weight": "lc_length_weight", "judge": "judge"}
     out = {}
     for model, row in summary.iterrows():
         for old, new in names.items():

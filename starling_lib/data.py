@@ -11,8 +11,15 @@ models ranked 1 (best) to 7 by GPT-4. A record:
     source:        list[str] or None, the prompt datasets the prompt came from
     good_natured:  bool or None, GPT-4's flag that the conversation is not harmful
 
-`load_nectar` reads the bundled sample, the hub dataset or a local file and validates every record;
-the conversions turn records into what the trainers eat: chat messages, K-wise lists ordered best
+`load_nectar` reads the bundled sample, the hub dataset or a local file and validates every record:
+besides the fields above, the prompt's turn markers (it must start with "\\n\\nHuman:" and end with
+an open "\\n\\nAssistant:", which is what `prompt_to_messages` and the trainers read) and its text
+(valid UTF-8, no lone surrogate such as a JSON "\\ud800" escape, which Arrow cannot store). An error
+names the file, the record's 0-based index and, in a .jsonl, its 1-based line number; a malformed
+.json file is named too. A UTF-8 byte-order mark at the start of a .jsonl or .json file is read as
+such, not as an error.
+
+The conversions turn records into what the trainers eat: chat messages, K-wise lists ordered best
 to worst, all (chosen, rejected) pairs, TRL's conversational preference format, and a
 deterministic split by prompt.
 
@@ -67,7 +74,9 @@ def bundled_path(*parts: str) -> Path:
 # Every way a record can be malformed, with the words used in errors and reports.
 REASONS = {
     "invalid_json": "line is not valid JSON or not an object",
+    "bad_unicode": "text is not valid Unicode (bytes that are not UTF-8, or a lone surrogate)",
     "bad_prompt": "prompt missing, not a string, or empty",
+    "bad_turn_markers": "prompt does not start with '\\n\\nHuman:' and end with an open '\\n\\nAssistant:'",
     "answers_not_list": "answers missing or not a list",
     "too_few_answers": "fewer than 2 answers",
     "bad_answer_text": "answer text missing or not a string",
@@ -75,32 +84,65 @@ REASONS = {
     "duplicate_ranks": "two answers share a rank",
     "ranks_not_1_to_k": "ranks are not exactly 1..K",
     "num_responses_mismatch": "num_responses disagrees with the number of answers",
+    "bad_source": "source is not a string or a list of strings",
 }
 
 
 class NectarFormatError(ValueError):
-    """A malformed Nectar record: `.index` is its position in the source, `.reason` a REASONS key."""
+    """A malformed Nectar record: `.index` is its 0-based position among the source's records,
+    `.line` its 1-based line number in a .jsonl file (else None), `.reason` a REASONS key."""
 
-    def __init__(self, index: int, reason: str, detail: str, where: str = ""):
-        self.index, self.reason, self.detail = index, reason, detail
+    def __init__(self, index: int, reason: str, detail: str, where: str = "", line: int | None = None):
+        self.index, self.reason, self.detail, self.line = index, reason, detail, line
         loc = f"{where} " if where else ""
-        super().__init__(f"{loc}record {index}: {REASONS[reason]} ({detail})")
+        at = f"line {line} (record index {index})" if line is not None else f"record index {index}"
+        super().__init__(f"{loc}{at}: {REASONS[reason]} ({detail})")
 
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+_OPEN_ASSISTANT = re.compile(r"\n\nAssistant:\s*\Z")
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Position of the first character UTF-8 cannot encode (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def _check_text(index: int, name: str, text: str) -> None:
+    pos = _lone_surrogate(text)
+    if pos is not None:
+        raise NectarFormatError(index, "bad_unicode", f"{name} has a lone surrogate U+{ord(text[pos]):04X} "
+                                                      f"at character {pos}")
+
+
 def check_record(rec: Any, index: int) -> None:
     """Raise NectarFormatError if `rec` is not a well-formed Nectar record.
 
-    Empty answer strings are allowed: Nectar has real ones (they are ranked last).
+    Empty answer strings are allowed: Nectar has real ones (they are ranked last). The prompt's
+    turns need not alternate (the bundled sample has two human turns in a row once), but it must
+    open with a human turn and end with the open assistant turn the answers fill.
     """
     if not isinstance(rec, dict):
         raise NectarFormatError(index, "invalid_json", f"got {type(rec).__name__}")
     prompt = rec.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise NectarFormatError(index, "bad_prompt", f"prompt={prompt!r:.60}")
+    _check_text(index, "prompt", prompt)
+    if not prompt.startswith("\n\nHuman:"):
+        raise NectarFormatError(index, "bad_turn_markers", f"prompt starts with {prompt[:30]!r}")
+    if not _OPEN_ASSISTANT.search(prompt):
+        raise NectarFormatError(index, "bad_turn_markers", f"prompt ends with {prompt[-30:]!r}")
+    try:
+        prompt_to_messages(prompt)
+    except ValueError as e:
+        raise NectarFormatError(index, "bad_turn_markers", str(e)) from None
     answers = rec.get("answers")
     if not isinstance(answers, list):
         raise NectarFormatError(index, "answers_not_list", f"answers is {type(answers).__name__}")
@@ -112,6 +154,9 @@ def check_record(rec: Any, index: int) -> None:
             raise NectarFormatError(index, "bad_answer_text", f"answers[{j}] text is {got}")
         if not _is_number(a.get("rank")):
             raise NectarFormatError(index, "bad_rank", f"answers[{j}] rank={a.get('rank')!r}")
+        _check_text(index, f"answers[{j}].answer", a["answer"])
+        if isinstance(a.get("model"), str):
+            _check_text(index, f"answers[{j}].model", a["model"])
     ranks = [a["rank"] for a in answers]
     dup = [r for r, n in Counter(ranks).items() if n > 1]
     if dup:
@@ -122,6 +167,12 @@ def check_record(rec: Any, index: int) -> None:
     n = rec.get("num_responses")
     if n is not None and n != k:
         raise NectarFormatError(index, "num_responses_mismatch", f"num_responses={n!r}, answers={k}")
+    source = rec.get("source")
+    if source is not None and not isinstance(source, str):
+        if not isinstance(source, list) or not all(isinstance(x, str) for x in source):
+            raise NectarFormatError(index, "bad_source", f"source={source!r:.60}")
+    for j, x in enumerate([source] if isinstance(source, str) else source or []):
+        _check_text(index, f"source[{j}]", x)
 
 
 def _normalise(rec: dict) -> dict:
@@ -160,8 +211,9 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _read_records(source: str) -> tuple[Iterable[tuple[int, Any]], str]:
-    """(index, raw record) pairs from the bundled sample, a local file or the hub."""
+def _read_records(source: str) -> tuple[Iterable[tuple[int, int | None, Any]], str]:
+    """(index, 1-based line number or None, raw record) triples from the bundled sample, a local
+    file or the hub, and the name of where they come from."""
     if source == "bundled":
         path = bundled_path("nectar_sample.jsonl")
     elif Path(source).exists():
@@ -171,34 +223,58 @@ def _read_records(source: str) -> tuple[Iterable[tuple[int, Any]], str]:
     else:  # a hub id, e.g. berkeley-nest/Nectar (needs network access)
         import datasets
         ds = datasets.load_dataset(source, split="train")
-        return enumerate(ds), f"hub:{source}"
+        return ((i, None, rec) for i, rec in enumerate(ds)), f"hub:{source}"
 
     if path.suffix == ".parquet":
         import pandas as pd
-        rows = pd.read_parquet(path).to_dict(orient="records")
+        try:
+            rows = pd.read_parquet(path).to_dict(orient="records")
+        except Exception as e:  # pyarrow's errors do not always name the file
+            raise ValueError(f"Nectar file {path} could not be read as parquet: {e}") from e
         # parquet gives numpy arrays for list columns
         rows = [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()} for r in rows]
-        return enumerate(rows), str(path)
+        return ((i, None, rec) for i, rec in enumerate(rows)), str(path)
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))  # utf-8-sig: a leading BOM is not an error
+        except UnicodeDecodeError as e:
+            raise ValueError(f"Nectar file {path} is not UTF-8 text: byte {e.object[e.start]:#04x} "
+                             f"at offset {e.start}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Nectar file {path} is not valid JSON: {e.msg} at line {e.lineno}, "
+                             f"column {e.colno}") from None
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        return enumerate(data), str(path)
+        return ((i, None, rec) for i, rec in enumerate(data)), str(path)
 
     def jsonl():
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
+        # Bytes, decoded line by line: a line that is not UTF-8 is that record's error, not the file's.
+        index = 0
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a leading BOM is not an error
+                except UnicodeDecodeError as e:
+                    yield index, line_no, _BadRecord("bad_unicode", f"byte {raw[e.start]:#04x} at column "
+                                                                    f"{e.start + 1} is not UTF-8")
+                    index += 1
+                    continue
                 if not line.strip():
                     continue
                 try:
-                    yield i, json.loads(line)
+                    yield index, line_no, json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield i, _BadJSON(str(e))
+                    yield index, line_no, _BadRecord("invalid_json", f"{e.msg} at column {e.colno}")
+                index += 1
     return jsonl(), str(path)
 
 
-class _BadJSON(str):
-    pass
+@dataclass
+class _BadRecord:
+    """A record that could not even be read: the REASONS key and what was wrong."""
+
+    reason: str
+    detail: str
 
 
 def load_nectar(source: str = "bundled", on_error: str = "raise", limit: int | None = None,
@@ -208,9 +284,10 @@ def load_nectar(source: str = "bundled", on_error: str = "raise", limit: int | N
     source:   "bundled" (the 397-record sample shipped with the package), a hub id such as
               "berkeley-nest/Nectar" (downloaded through `datasets.load_dataset`), or a local
               .jsonl / .json / .parquet path.
-    on_error: "raise" stops at the first malformed record with an error naming its index (its
-              line number in a .jsonl) and the problem; "skip" drops malformed records, counts
-              them per reason and warns with that count. Nothing is dropped silently.
+    on_error: "raise" stops at the first malformed record with an error naming the file, the
+              record's 0-based index (and its 1-based line in a .jsonl) and the problem; "skip"
+              drops malformed records (and only them), counts them per reason and warns with
+              that count. Nothing is dropped silently.
     limit:    keep at most this many valid records (None: all), for quick runs.
     return_report: also return the LoadReport.
     """
@@ -221,17 +298,18 @@ def load_nectar(source: str = "bundled", on_error: str = "raise", limit: int | N
     records, where = _read_records(source)
     report = LoadReport(source=where)
     kept = []
-    for index, rec in records:
+    for index, line, rec in records:
         if limit is not None and len(kept) >= limit:
             break
         report.num_read += 1
         try:
-            if isinstance(rec, _BadJSON):
-                raise NectarFormatError(index, "invalid_json", str(rec))
+            if isinstance(rec, _BadRecord):
+                raise NectarFormatError(index, rec.reason, rec.detail)
             check_record(rec, index)
         except NectarFormatError as e:
+            e = NectarFormatError(e.index, e.reason, e.detail, where=where, line=line)
             if on_error == "raise":
-                raise NectarFormatError(e.index, e.reason, e.detail, where=where) from None
+                raise e from None
             report.dropped[e.reason] += 1
             if len(report.examples) < 5:
                 report.examples.append(str(e))

@@ -13,6 +13,11 @@ judge (judge.OpenAIJudge), MT-Bench's (mtbench.ApiJudge) and AlpacaEval's (alpac
     jitter (or the server's Retry-After when longer). A 400/413/422 fails that request only
     (RequestError); a 401/403/404 (bad key, no access, unknown model) raises ClientError, since
     every request would fail the same way.
+  * `timeout_s` bounds each whole attempt, not each read: the reply is read as it arrives and the
+    attempt is abandoned (a "timeout", retried like any other) as soon as a piece of it arrives
+    after timeout_s, or when nothing at all arrives for timeout_s. A server that trickles its
+    reply a few bytes at a time therefore cannot stretch an attempt past timeout_s by more than
+    the wait for its next piece; no reply that took longer than timeout_s is accepted.
 
 This module imports nothing else from starling_lib; the judges build on it.
 """
@@ -69,7 +74,7 @@ class ClientConfig:
     base_url: str | None = None           # OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; None = OpenAI
     temperature: float = 0.0              # the judges all judge at temperature 0
     max_tokens: int | None = None         # output cap per request; None = the server's default
-    timeout_s: float = 120.0              # per attempt; a slow reply counts as a failed attempt
+    timeout_s: float = 120.0              # per attempt, for the whole reply; a slow one counts as a failed attempt
     max_retries: int = 6                  # attempts after the first, for retryable failures only
     backoff_base_s: float = 2.0           # wait before retry n is about base * 2**n (with jitter) ...
     backoff_max_s: float = 60.0           # ... but never longer than this
@@ -93,14 +98,29 @@ class _MalformedResponse(Exception):
     pass
 
 
+class _AttemptTimedOut(Exception):
+    pass
+
+
+def _http_module():
+    """The HTTP library the openai client is built on (httpx2 in openai >= 3, httpx before): its
+    exceptions surface directly while a streamed reply is read."""
+    try:
+        import httpx2 as http
+    except ImportError:  # pragma: no cover - older openai
+        import httpx as http
+    return http
+
+
 def _classify(exc: Exception) -> tuple[str, bool, float | None]:
     """(kind, retryable, the server's Retry-After in seconds) of a failed attempt."""
     import openai
-    if isinstance(exc, openai.APITimeoutError):
+    http = _http_module()
+    if isinstance(exc, (openai.APITimeoutError, _AttemptTimedOut, http.TimeoutException)):
         return "timeout", True, None
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, (openai.APIConnectionError, http.TransportError, http.StreamError)):
         return "connection", True, None
-    if isinstance(exc, (_MalformedResponse, json.JSONDecodeError)):
+    if isinstance(exc, (_MalformedResponse, json.JSONDecodeError, UnicodeDecodeError)):
         return "malformed_response", True, None
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
@@ -156,14 +176,28 @@ class ChatClient:
         return text[:300]
 
     def _request(self, kwargs: dict, failures: int) -> ChatReply:
-        resp = self._client.chat.completions.create(**kwargs)
-        choices = getattr(resp, "choices", None)
-        if not choices or not isinstance(getattr(choices[0].message, "content", None), str):
-            raise _MalformedResponse(f"not a chat completion: {str(resp)[:120]!r}")
-        usage = getattr(resp, "usage", None)
-        return ChatReply(text=choices[0].message.content, model=getattr(resp, "model", None) or self.config.model,
-                         prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                         completion_tokens=getattr(usage, "completion_tokens", 0) or 0, retries=failures)
+        """One attempt, read as it arrives so that `timeout_s` bounds the whole of it."""
+        timeout_s = self.config.timeout_s
+        deadline = time.monotonic() + timeout_s
+        body = bytearray()
+        with self._client.chat.completions.with_streaming_response.create(**kwargs) as resp:
+            for chunk in resp.iter_bytes():
+                body += chunk
+                if time.monotonic() > deadline:
+                    raise _AttemptTimedOut(f"the reply was not complete after timeout_s={timeout_s:g} s "
+                                           f"({len(body)} bytes so far)")
+        if time.monotonic() > deadline:
+            raise _AttemptTimedOut(f"the reply took longer than timeout_s={timeout_s:g} s")
+        data = json.loads(bytes(body))
+        choices = data.get("choices") if isinstance(data, dict) else None
+        first = choices[0] if isinstance(choices, list) and choices else None
+        message = first.get("message") if isinstance(first, dict) else None
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise _MalformedResponse(f"not a chat completion: {bytes(body[:120])!r}")
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        return ChatReply(text=message["content"], model=data.get("model") or self.config.model,
+                         prompt_tokens=usage.get("prompt_tokens") or 0,
+                         completion_tokens=usage.get("completion_tokens") or 0, retries=failures)
 
     def complete_messages(self, messages: list[dict]) -> ChatReply:
         """One chat completion for `messages`; RequestError when it fails for good."""

@@ -11,7 +11,9 @@ bundled questions, GPT-4 reference answers and judge prompts (bundled/PROVENANCE
   * `parse_rating`: `[[N]]`, else `[N]`, else -1. A -1 is a failed judgment: counted, never scored;
   * score: the mean of all valid (question, turn) ratings (`scores`), per category too.
 
-Judges (all answer `rate(prompts) -> list[Rating]`, each Rating saying which `mode` made it):
+Judges (all answer `rate(prompts, progress=False, on_rating=None) -> list[Rating]`, each Rating
+saying which `mode` made it, and call `on_rating(i, rating)` as soon as the judgment of `prompts[i]`
+is made, so that `judge_answers` caches it at once):
   * `ApiJudge`: any OpenAI-compatible endpoint (GPT-4, a local vLLM server) through
     `llm_client.ChatClient` (retries, key from the environment only), temperature 0, 2048 tokens,
     as FastChat. Mode "generate".
@@ -23,7 +25,10 @@ Judges (all answer `rate(prompts) -> list[Rating]`, each Rating saying which `mo
 
 Answers and judgments are cached as JSONL (`jsonl_cache.JsonlCache`) keyed by (model, question,
 turn) and (model, question, turn, judge), so an interrupted evaluation resumes without
-regenerating or re-judging. A cached answer is reused only if it was generated with the same settings and model
+regenerating or re-judging. A judgment is cached the moment it arrives, not when its batch is done:
+a paid API judgment is never asked for twice, whether the run is killed or the endpoint stops it
+(a 401 mid-batch) before the batch ends. (A judge whose `rate` takes no `on_rating` is cached
+per batch.) A cached answer is reused only if it was generated with the same settings and model
 weights (and, for turn 2, after the same first answer); a cached judgment only if the judge prompt
 (which holds the answers) is unchanged.
 
@@ -41,12 +46,13 @@ Departures from FastChat:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -209,18 +215,25 @@ class ApiJudge:
     def __repr__(self) -> str:
         return f"ApiJudge({self.id!r})"
 
-    def rate(self, prompts: Sequence[tuple[str, str]], progress: bool = False) -> list[Rating]:
+    def rate(self, prompts: Sequence[tuple[str, str]], progress: bool = False,
+             on_rating: Callable[[int, Rating], None] | None = None) -> list[Rating]:
+        """One Rating per (system, user) prompt, each passed to `on_rating(i, rating)` as it arrives.
+
+        A failed request is a Rating of -1 with its `error`; a ClientError (bad key, unknown model)
+        stops the run, after `on_rating` has seen every judgment already paid for."""
         from tqdm.auto import tqdm
 
         out = []
-        for system, user in tqdm(prompts, desc="judging", disable=not progress):
+        for i, (system, user) in enumerate(tqdm(prompts, desc="judging", disable=not progress)):
             messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
             try:
                 text = self.client.complete_messages(messages).text
+                rating = Rating(parse_rating(text), self.mode, text=text)
             except RequestError as e:
-                out.append(Rating(-1.0, self.mode, error=str(e)))
-                continue
-            out.append(Rating(parse_rating(text), self.mode, text=text))
+                rating = Rating(-1.0, self.mode, error=str(e))
+            out.append(rating)
+            if on_rating is not None:
+                on_rating(i, rating)
         return out
 
 
@@ -268,18 +281,26 @@ class LocalJudge:
         logps = chat.continuation_logprobs(self.model, self.tokenizer, prefix, [f"{r}]]" for r in RATINGS])
         return logps.double().softmax(-1).numpy()
 
-    def rate(self, prompts: Sequence[tuple[str, str]], progress: bool = False) -> list[Rating]:
+    def rate(self, prompts: Sequence[tuple[str, str]], progress: bool = False,
+             on_rating: Callable[[int, Rating], None] | None = None) -> list[Rating]:
+        """One Rating per (system, user) prompt, each passed to `on_rating(i, rating)` when made
+        (in generate mode, when the batched generation is done)."""
         from tqdm.auto import tqdm
 
         if self.mode == "generate":
             rendered = [render_judge_prompt(self.tokenizer, s, u) for s, u in prompts]
             texts = chat.generate(self.model, self.tokenizer, rendered, chat.DecodingConfig(
                 max_new_tokens=self.max_new_tokens, batch_size=self.batch_size), progress=progress, desc="judging")
-            return [Rating(parse_rating(t), self.mode, text=t) for t in texts]
+            out = [Rating(parse_rating(t), self.mode, text=t) for t in texts]
+            for i, rating in enumerate(out if on_rating is not None else []):
+                on_rating(i, rating)
+            return out
         out = []
-        for system, user in tqdm(prompts, desc="judging (likelihood)", disable=not progress):
+        for i, (system, user) in enumerate(tqdm(prompts, desc="judging (likelihood)", disable=not progress)):
             p = self.rating_probs(system, user)
             out.append(Rating(float(np.dot(p, RATINGS)), self.mode, probs=[float(x) for x in p]))
+            if on_rating is not None:
+                on_rating(i, out[-1])
         return out
 
 
@@ -381,8 +402,10 @@ def judge_answers(questions: Sequence[Mapping], answers: Mapping[int, Sequence[s
     """One row per (question, turn): model, question_id, category, turn, judge, mode, prompt_name,
     rating (-1: failed), judgment (the judge's text), probs (likelihood mode), error.
 
-    Judgments come from the cache when the judge prompt is unchanged; new ones are cached as each
-    batch finishes, except failed requests (a rerun asks again).
+    Judgments come from the cache when the judge prompt is unchanged; each new one is cached as
+    soon as the judge hands it over (`on_rating`; per batch for a judge without it), except failed
+    requests (a rerun asks again). An interruption, or a ClientError from the endpoint, therefore
+    loses no judgment already made.
     """
     from tqdm.auto import tqdm
 
@@ -399,19 +422,38 @@ def judge_answers(questions: Sequence[Mapping], answers: Mapping[int, Sequence[s
                 rows.append(hit)
             else:
                 todo.append((base, system, user))
+    streams = _takes_on_rating(judge.rate)
     with tqdm(total=len(todo), desc=f"judging {model_name}", disable=not progress or not todo) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            for (base, _, _), r in zip(batch, judge.rate([(s, u) for _, s, u in batch])):
-                row = {**base, "mode": r.mode, "rating": r.rating, "judgment": r.text, "probs": r.probs,
+            done: dict[int, Rating] = {}
+
+            def keep(i: int, r: Rating) -> None:   # cache a judgment the moment it is made, once
+                if i in done:
+                    return
+                done[i] = r
+                row = {**batch[i][0], "mode": r.mode, "rating": r.rating, "judgment": r.text, "probs": r.probs,
                        "error": r.error}
                 if r.error is None:
                     cache.put(row)
                 rows.append(row)
-            bar.update(len(batch))
+                bar.update(1)
+
+            prompts_of_batch = [(s, u) for _, s, u in batch]
+            ratings = judge.rate(prompts_of_batch, on_rating=keep) if streams else judge.rate(prompts_of_batch)
+            if len(ratings) != len(batch):
+                raise RuntimeError(f"judge {judge.id} returned {len(ratings)} ratings for {len(batch)} prompts")
+            for i, r in enumerate(ratings):
+                keep(i, r)
     columns = ["model", "question_id", "category", "turn", "judge", "mode", "prompt_name", "rating", "judgment",
                "probs", "error"]
     return pd.DataFrame(rows).reindex(columns=columns).sort_values(["question_id", "turn"], ignore_index=True)
+
+
+def _takes_on_rating(rate) -> bool:
+    """Whether a judge's `rate` accepts `on_rating` (judges written before it was added do not)."""
+    params = inspect.signature(rate).parameters.values()
+    return any(p.name == "on_rating" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def evaluate(model, tokenizer, model_name: str, questions: Sequence[Mapping], judge, cache_dir: str | os.PathLike,

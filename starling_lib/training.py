@@ -9,8 +9,23 @@ fields used below (`output_dir`, `resume`, `keep_checkpoints`, `steps`, `warmup_
 trained weights, which a checkpoint must agree with to be resumed.
 
 A checkpoint is `output_dir/checkpoints/step-NNNNNN/`: accelerate's state (model, optimizer,
-scheduler, RNG of every process) plus `trainer_state.json` (step, config fingerprint, history),
-written last, so a checkpoint interrupted mid-save has none and is ignored.
+RNG of every process), the state of every object registered for checkpointing (the learning-rate
+scheduler) as plain JSON, `custom_state_<i>.json`, and `trainer_state.json` (step, config
+fingerprint, history, and the size of every file of the checkpoint), written last, so a checkpoint
+interrupted mid-save has none and is ignored. Trusting and surviving a checkpoint:
+
+  * resuming unpickles nothing that could run code: accelerate keeps registered objects as a
+    pickle (custom_checkpoint_<i>.pkl) and loads it with weights_only=False, so the accelerator of
+    `make_accelerator` keeps them as JSON instead, and refuses a checkpoint folder holding such a
+    pickle (written by an older version, or planted). What accelerate itself loads (model weights
+    as safetensors, optimizer and RNG states) it loads with weights_only=True (under DeepSpeed,
+    DeepSpeed loads its own model and optimizer files);
+  * every file is fsynced before `trainer_state.json` is written, and that file is written
+    atomically (a temporary file, fsynced, then renamed over it), so a torn write leaves either
+    the old file or none, never half of one;
+  * a checkpoint whose trainer_state.json cannot be read, or whose files are missing, of another
+    size than when saved, or joined by files it was not saved with, is damaged: `resume_point`
+    warns, naming it and what is wrong, and resumes from the newest intact one before it.
 """
 
 from __future__ import annotations
@@ -20,8 +35,11 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -87,31 +105,179 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 
 def make_accelerator(cfg: Any):
-    """An `accelerate.Accelerator` on `cfg.device` with `cfg.mixed_precision` (see mixed_precision).
+    """An `accelerate.Accelerator` on `cfg.device` with `cfg.mixed_precision` (see mixed_precision)
+    that checkpoints registered objects as JSON (`PlainStateAccelerator`, see the module docstring).
 
     A trainer adds its own checks (batch sizes that split into the processes, FSDP) after this.
     """
-    from accelerate import Accelerator
-
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
-    return Accelerator(cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg))
+    return _plain_state_accelerator_class()(cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg))
+
+
+PLAIN_STATE_FILE = "custom_state_{}.json"        # a registered object's state_dict, as JSON
+_PICKLED_STATE = re.compile(r"^custom_checkpoint_\d+\.pkl$")   # accelerate's pickle of the same, never loaded
+
+
+@functools.lru_cache(maxsize=1)
+def _plain_state_accelerator_class():
+    from accelerate import Accelerator
+
+    class PlainStateAccelerator(Accelerator):
+        """accelerate's Accelerator, except that objects registered for checkpointing (the trainers'
+        learning-rate scheduler) are saved as JSON of their state_dict, `custom_state_<i>.json`, and
+        loaded from it, instead of pickled to custom_checkpoint_<i>.pkl and unpickled with
+        weights_only=False (which runs whatever code a planted file holds)."""
+
+        def register_for_checkpointing(self, *objects):
+            for obj in objects:
+                if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                    raise ValueError(f"{type(obj).__name__} has no state_dict/load_state_dict: "
+                                     f"it cannot be checkpointed")
+            self._plain_state_objects = [*getattr(self, "_plain_state_objects", []), *objects]
+
+        def save_state(self, output_dir=None, **kwargs):
+            if output_dir is None:
+                raise ValueError("save_state needs the checkpoint folder (output_dir)")
+            location = super().save_state(output_dir, **kwargs)
+            if self.is_main_process:
+                for i, obj in enumerate(getattr(self, "_plain_state_objects", [])):
+                    try:
+                        text = json.dumps(obj.state_dict(), indent=1)
+                    except TypeError as e:
+                        raise TypeError(f"the state of {type(obj).__name__} is not plain JSON ({e}); checkpoints "
+                                        f"keep registered objects as JSON so that resuming never unpickles") from None
+                    write_text_atomically(Path(output_dir) / PLAIN_STATE_FILE.format(i), text + "\n")
+            return location
+
+        def load_state(self, input_dir=None, **kwargs):
+            if input_dir is None:
+                raise ValueError("load_state needs the checkpoint folder (input_dir)")
+            folder = Path(input_dir)
+            pickled = sorted(p.name for p in folder.iterdir() if _PICKLED_STATE.match(p.name))
+            if pickled:
+                raise ValueError(f"checkpoint {folder} holds {', '.join(pickled)}, a pickle, which resuming does not "
+                                 f"load (unpickling can run code); it was written by an older version or planted: "
+                                 f"delete the checkpoint (or that file, if custom_state_<i>.json are there)")
+            states = []
+            for i, obj in enumerate(getattr(self, "_plain_state_objects", [])):
+                path = folder / PLAIN_STATE_FILE.format(i)
+                try:
+                    states.append(json.loads(path.read_text()))
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"checkpoint {folder}: cannot read the state of {type(obj).__name__} from "
+                                     f"{path.name} ({e})") from None
+            super().load_state(str(folder), **kwargs)
+            for obj, state in zip(getattr(self, "_plain_state_objects", []), states):
+                obj.load_state_dict(state)
+
+    return PlainStateAccelerator
 
 
 # --------------------------------------------------------------------------------------------
 # checkpoints
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` so that a crash leaves the old file or the new one, never a torn one:
+    a temporary file beside it, flushed and fsynced, then renamed over it (and the folder fsynced)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (their trainer_state.json is written last), oldest first."""
+    """Complete checkpoints (their trainer_state.json is written last), oldest first; intact or
+    damaged (see checkpoint_damage)."""
     root = Path(output_dir) / "checkpoints"
     found = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()] if root.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def check_fingerprint(path: Path, cfg: Any) -> dict:
+def _read_state(path: Path) -> dict:
+    """The checkpoint's trainer_state.json, or a ValueError saying why it cannot be used."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"trainer_state.json cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"trainer_state.json is not valid JSON ({e.msg} at line {e.lineno}, "
+                         f"column {e.colno})") from None
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("config"), dict)):
+        raise ValueError("trainer_state.json has no step and config")
+    return state
+
+
+def _checkpoint_files(path: Path) -> dict[str, int]:
+    """{relative path: size} of the files of a checkpoint folder, trainer_state.json (and temporary
+    files) aside."""
+    return {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != "trainer_state.json" and not _is_temporary(p.name)}
+
+
+def _is_temporary(name: str) -> bool:
+    """A temporary file of write_text_atomically (left behind only by a crash mid-write)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def checkpoint_damage(path: str | os.PathLike) -> str | None:
+    """What is wrong with a complete checkpoint, or None if it is intact: trainer_state.json that
+    cannot be read, a pickled custom state (which resuming does not load), and, against the sizes
+    trainer_state.json recorded, a file missing, of another size, or not saved with it."""
+    path = Path(path)
+    try:
+        state = _read_state(path)
+    except ValueError as e:
+        return str(e)
+    files = _checkpoint_files(path)
+    pickled = sorted(name for name in files if _PICKLED_STATE.match(name))
+    if pickled:
+        return f"it holds {', '.join(pickled)}, a pickle that resuming does not load (unpickling can run code)"
+    saved = state.get("files")
+    if saved is None:   # written before the sizes were recorded
+        return None
+    if not isinstance(saved, dict):
+        return "trainer_state.json's list of files is not a mapping of names to sizes"
+    for name, size in saved.items():
+        if name not in files:
+            return f"{name} is missing"
+        if files[name] != size:
+            return f"{name} has {files[name]} bytes, {size} were saved"
+    extra = sorted(set(files) - set(saved))
+    if extra:
+        return f"it holds files it was not saved with: {', '.join(extra)}"
+    return None
+
+
+def check_fingerprint(path: Path, cfg: Any, state: dict | None = None) -> dict:
     """The checkpoint's trainer state, or a ValueError naming every field where `cfg` differs."""
-    state = json.loads((path / "trainer_state.json").read_text())
+    if state is None:
+        try:
+            state = _read_state(path)
+        except ValueError as e:
+            raise ValueError(f"checkpoint {path}: {e}") from None
     saved, now = state["config"], cfg.fingerprint()
     diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
     if diff:
@@ -122,26 +288,55 @@ def check_fingerprint(path: Path, cfg: Any) -> dict:
 
 
 def resume_point(cfg: Any) -> tuple[Path | None, dict | None]:
-    """(latest checkpoint, its trainer state) to resume from, or (None, None).
+    """(latest intact checkpoint, its trainer state) to resume from, or (None, None).
 
-    Checked before anything slow happens: a checkpoint of another config fails here.
+    Checked before anything slow happens: a checkpoint of another config fails here. A damaged
+    checkpoint (checkpoint_damage) is named in a warning and the one before it is tried; if every
+    checkpoint is damaged, a ValueError names them all (nothing is resumed, or started over, silently).
     """
     found = checkpoints(cfg.output_dir) if cfg.output_dir and cfg.resume else []
-    if not found:
-        return None, None
-    return found[-1], check_fingerprint(found[-1], cfg)
+    damaged = []
+    for path in reversed(found):
+        why = checkpoint_damage(path)
+        if why is None:
+            if damaged:
+                warnings.warn(f"resuming from {path}, the newest intact checkpoint: "
+                              + "; ".join(f"{p} is damaged ({w})" for p, w in damaged), stacklevel=2)
+            return path, check_fingerprint(path, cfg, _read_state(path))
+        damaged.append((path, why))
+    if damaged:
+        raise ValueError(f"every checkpoint in {Path(cfg.output_dir) / 'checkpoints'} is damaged: "
+                         + "; ".join(f"{p.name}: {w}" for p, w in damaged)
+                         + "; delete them, or set resume=False to start over")
+    return None, None
 
 
 def save_checkpoint(accelerator, cfg: Any, state: dict) -> None:
     """Save accelerate's state and `state` as checkpoint step-<state["step"]>; keep the newest
-    `cfg.keep_checkpoints`. Every process must call it (each saves its own RNG state)."""
+    `cfg.keep_checkpoints` intact ones. Every process must call it (each saves its own RNG state).
+
+    A folder of the same step already there (a damaged checkpoint the run resumed before, or one
+    of a run not resumed) is removed first, so old and new files never mix. Every file is fsynced
+    before trainer_state.json, which records their sizes and is written atomically, last.
+    """
     path = Path(cfg.output_dir) / "checkpoints" / f"step-{state['step']:06d}"
-    accelerator.save_state(str(path))   # model, optimizer, scheduler, RNG states (every process)
+    if accelerator.is_main_process and path.exists():
+        shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))   # model, optimizer, RNG states (every process), custom_state_<i>.json
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = _checkpoint_files(path)
+        for name in files:   # on disk before the file that says the checkpoint is complete
+            fd = os.open(path / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         # Written last: a checkpoint without it was interrupted mid-save and is ignored on resume.
-        (path / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-        for old in checkpoints(cfg.output_dir)[:-cfg.keep_checkpoints or None]:
+        write_text_atomically(path / "trainer_state.json", json.dumps({**state, "files": files}, indent=1) + "\n")
+        intact = [p for p in checkpoints(cfg.output_dir) if checkpoint_damage(p) is None]
+        for old in intact[:-cfg.keep_checkpoints or None]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 

@@ -7,6 +7,8 @@ empty) and is recorded in `server.requests` as {path, authorization, body}. Step
     ("status", code[, message[, headers]]) an error answer with that status code
     ("malformed",)                        a 200 whose body is cut off
     ("slow", seconds)                     a completion of `default` after `seconds`
+    ("trickle", seconds)                  a completion of `default` sent at once in its headers, then its
+                                          body a few bytes at a time, spread over `seconds`
 """
 
 import json
@@ -66,6 +68,17 @@ class _Handler(BaseHTTPRequestHandler):
             elif step[0] == "slow":
                 time.sleep(step[1])
                 self._send(200, json.dumps(completion(server.default, body["model"])).encode())
+            elif step[0] == "trickle":
+                data = json.dumps(completion(server.default, body["model"])).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                pieces = [data[i:i + 8] for i in range(0, len(data), 8)]
+                for piece in pieces:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    time.sleep(step[1] / len(pieces))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up waiting, as it should
 

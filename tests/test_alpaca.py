@@ -1,11 +1,14 @@
 """starling_lib.alpaca: bundled outputs, AlpacaEval's win rate and length-controlled GLM, judging."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
+from fake_openai import FAST_RETRIES, FakeOpenAIServer, point_env_at
 from scipy.special import expit
 
-from starling_lib import alpaca, chat, mtbench
+from starling_lib import alpaca, chat, llm_client, mtbench
 
 
 def test_bundled_outputs_share_the_805_instructions():
@@ -109,6 +112,7 @@ def test_summarize_uses_the_outputs_lengths():
     assert m["eval/alpaca_eval/x/win_rate"] == 50.0 and m["eval/alpaca_eval/x/lc_win_rate_se"] is None
     assert m["eval/alpaca_eval/x/n_judged"] == 4 and isinstance(m["eval/alpaca_eval/x/n_judged"], int)
     assert m["eval/alpaca_eval/x/judge"] == "j"
+    assert (m["eval/alpaca_eval/x/n_failed"], m["eval/alpaca_eval/x/n_unparsable"]) == (0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,3 +209,49 @@ def test_default_api_pairwise_judge_asks_the_environment_model_for_one_token(mon
     assert (judge.client.config.temperature, judge.client.config.max_tokens) == (0.0, 1)
     assert alpaca.pairwise_judge_for(mtbench.ApiJudge()).id == "api:gpt-4"
 
+
+
+@pytest.fixture
+def server(monkeypatch):
+    with FakeOpenAIServer(default="M") as srv:
+        point_env_at(monkeypatch, srv.url)
+        yield srv
+
+
+def _api_pairwise_judge():
+    config = llm_client.ClientConfig.from_env(temperature=0.0, max_tokens=1, **FAST_RETRIES)
+    return alpaca.ApiPairwiseJudge(client=llm_client.ChatClient(config, sleep=lambda s: None))
+
+
+def test_failed_and_unparsable_replies_are_told_apart_counted_and_only_unparsable_cached(server, tmp_path):
+    instructions = [f"task {i}" for i in range(4)]
+    model, base = [f"model {i}" for i in range(4)], [f"base {i}" for i in range(4)]
+    cache = tmp_path / "prefs.jsonl"
+    server.script = [("ok", "m"), ("status", 400, "prompt too long"), ("ok", "Neither"), ("ok", "M")]
+    with pytest.warns(UserWarning, match="1 failed request.*1 unparsable reply"):
+        ann = alpaca.annotate(instructions, model, base, _api_pairwise_judge(), model_name="x", cache_path=cache,
+                              progress=False)
+    assert ann["status"].tolist() == ["ok", "failed", "unparsable", "ok"]
+    assert "http_400" in ann["error"][1] and "'Neither'" in ann["error"][2] and pd.isna(ann["error"][0])
+    assert ann["preference"][[1, 2]].isna().all() and ann["preference"][[0, 3]].notna().all()
+    s = alpaca.summarize(ann)
+    assert (s["n_total"], s["n_failed"], s["n_unparsable"]) == (2, 1, 1)
+    m = alpaca.summary_metrics(pd.DataFrame([{**s, "judge": "j"}], index=["x"]))
+    assert (m["eval/alpaca_eval/x/n_failed"], m["eval/alpaca_eval/x/n_unparsable"]) == (1, 1)
+    records = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [(r["index"], r["status"]) for r in records] == [(0, "ok"), (2, "unparsable"), (3, "ok")]
+    assert records[1]["reply"] == "Neither" and records[1]["shown_preference"] is None
+
+    # the rerun pays only for the failed request; the unparsable reply was paid for and is kept
+    with pytest.warns(UserWarning, match="0 failed request.*1 unparsable reply"):
+        again = alpaca.annotate(instructions, model, base, _api_pairwise_judge(), model_name="x", cache_path=cache,
+                                progress=False)
+    assert len(server.requests) == 5
+    assert again["status"].tolist() == ["ok", "ok", "unparsable", "ok"]
+    assert again["preference"][[0, 3]].tolist() == ann["preference"][[0, 3]].tolist()
+
+
+def test_api_pairwise_judge_raises_a_failed_request_instead_of_calling_it_no_preference(server):
+    server.script = [("status", 400, "prompt too long")]
+    with pytest.raises(llm_client.RequestError, match="http_400"):
+        _api_pairwise_judge().prefer(*alpaca.judge_prompt("x", "a", "b"))

@@ -43,6 +43,17 @@ MALFORMED = {
                         broken(lambda r: r["answers"][0].update(answer=None)),
                         broken(lambda r: r["answers"].__setitem__(0, "just text"))],
     "num_responses_mismatch": [broken(lambda r: r.update(num_responses=7))],
+    # wrong turn markers: what prompt_to_messages (and so every trainer) would trip over later
+    "bad_turn_markers": [broken(lambda r: r.update(prompt="\n\nUser: Hi there\n\nAssistant: ")),
+                         broken(lambda r: r.update(prompt="Human: Hi there\n\nAssistant: ")),
+                         broken(lambda r: r.update(prompt="\n\nHuman: Hi there\n\nAI: ")),
+                         broken(lambda r: r.update(prompt="\n\nHuman: Hi there")),
+                         broken(lambda r: r.update(prompt="\n\nHuman: Hi\n\nAssistant: \n\nAssistant: "))],
+    # a lone surrogate (a JSON "\ud800" escape) parses, but Arrow cannot store it
+    "bad_unicode": [broken(lambda r: r.update(prompt="\n\nHuman: Hi \ud800\n\nAssistant: ")),
+                    broken(lambda r: r["answers"][1].update(answer="broken \udc9f text")),
+                    broken(lambda r: r["answers"][0].update(model="m\ud83d"))],
+    "bad_source": [broken(lambda r: r.update(source=5)), broken(lambda r: r.update(source=["a", None]))],
 }
 
 
@@ -51,15 +62,94 @@ def test_malformed_record_raises_with_index_and_reason(tmp_path, reason, rec):
     path = write_jsonl(tmp_path / "n.jsonl", [good_record(), good_record(), rec, good_record()])
     with pytest.raises(NectarFormatError) as err:
         load_nectar(str(path))
-    assert err.value.index == 2
+    assert err.value.index == 2 and err.value.line == 3
     assert err.value.reason == reason
-    assert "record 2" in str(err.value) and str(path) in str(err.value)
+    assert str(err.value).startswith(f"{path} line 3 (record index 2): {data.REASONS[reason]}")
 
 
 def test_invalid_json_line_is_named(tmp_path):
     path = write_jsonl(tmp_path / "n.jsonl", [good_record(), "{not json"])
-    with pytest.raises(NectarFormatError, match="record 1: line is not valid JSON"):
+    with pytest.raises(NectarFormatError, match=r"line 2 \(record index 1\): line is not valid JSON"):
         load_nectar(str(path))
+
+
+def test_messages_give_one_based_line_numbers_past_blank_lines(tmp_path):
+    bad = broken(lambda r: r["answers"][2].update(rank=4.0))
+    path = write_jsonl(tmp_path / "n.jsonl", [good_record(), "", "   ", good_record(), bad])
+    with pytest.raises(NectarFormatError) as err:
+        load_nectar(str(path))
+    assert (err.value.line, err.value.index) == (5, 2)       # the 5th line of the file, the 3rd record
+    assert f"{path} line 5 (record index 2): ranks are not exactly 1..K" in str(err.value)
+
+
+def test_wrong_turn_marker_is_caught_at_load_not_in_training(tmp_path):
+    fine = broken(lambda r: r.update(prompt="\n\nHuman: Hi\n\nUser: and then?\n\nAssistant:"))  # "User:" is text here
+    wrong = broken(lambda r: r.update(prompt="\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: more\n\nGPT: "))
+    path = write_jsonl(tmp_path / "n.jsonl", [good_record(), fine, wrong])
+    with pytest.raises(NectarFormatError, match="bad_turn_markers|does not start") as err:
+        load_nectar(str(path))
+    assert err.value.reason == "bad_turn_markers" and (err.value.index, err.value.line) == (2, 3)
+    assert "GPT: " in str(err.value) and str(path) in str(err.value)
+    with pytest.warns(UserWarning, match="dropped 1"):
+        ds = load_nectar(str(path), on_error="skip")
+    assert len(data.to_kwise(ds)) == 2                       # everything kept converts for the trainers
+
+
+def test_lone_surrogate_fails_neither_mode(tmp_path):
+    path = tmp_path / "n.jsonl"
+    bad = broken(lambda r: r["answers"][1].update(answer="half an emoji \ud83d"))
+    write_jsonl(path, [good_record(), good_record(4), json.dumps(bad), good_record(5)])  # json.dumps escapes it
+    assert "\\ud83d" in path.read_text()
+    with pytest.raises(NectarFormatError) as err:
+        load_nectar(str(path))
+    assert err.value.reason == "bad_unicode" and (err.value.index, err.value.line) == (2, 3)
+    assert "answers[1].answer has a lone surrogate U+D83D" in str(err.value) and str(path) in str(err.value)
+    with pytest.warns(UserWarning, match="dropped 1: text is not valid Unicode"):
+        ds, report = load_nectar(str(path), on_error="skip", return_report=True)
+    assert [r["num_responses"] for r in ds] == [3, 4, 5]      # every good record kept, only the bad one gone
+    assert dict(report.dropped) == {"bad_unicode": 1} and report.num_read == 4
+
+
+def test_bytes_that_are_not_utf8_drop_only_their_line(tmp_path):
+    path = tmp_path / "n.jsonl"
+    not_utf8 = json.dumps(good_record(4)).encode().replace(b"answer 1", b"answer \xff")
+    lines = [json.dumps(good_record()).encode(), not_utf8, json.dumps(good_record(5)).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(NectarFormatError, match=r"line 2 \(record index 1\): text is not valid Unicode.*0xff"):
+        load_nectar(str(path))
+    with pytest.warns(UserWarning, match="dropped 1"):
+        ds = load_nectar(str(path), on_error="skip")
+    assert ds["num_responses"] == [3, 5]
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path):
+    recs = [good_record(), good_record(4)]
+    jsonl = tmp_path / "n.jsonl"
+    jsonl.write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    as_json = tmp_path / "n.json"
+    as_json.write_text("\ufeff" + json.dumps(recs), encoding="utf-8")
+    ref = load_nectar(str(write_jsonl(tmp_path / "plain.jsonl", recs))).to_list()
+    assert load_nectar(str(jsonl)).to_list() == ref
+    assert load_nectar(str(as_json)).to_list() == ref
+
+
+def test_a_malformed_json_file_is_named(tmp_path):
+    path = tmp_path / "n.json"
+    path.write_text("[" + json.dumps(good_record()) + ",\n {\"prompt\": ")
+    with pytest.raises(ValueError, match=r"n\.json is not valid JSON: .* at line 2, column") as err:
+        load_nectar(str(path))
+    assert str(path) in str(err.value)
+    path.write_bytes(b"[\"\xff\"]")
+    with pytest.raises(ValueError, match=r"n\.json is not UTF-8 text: byte 0xff"):
+        load_nectar(str(path))
+
+
+def test_json_records_are_named_by_index(tmp_path):
+    path = tmp_path / "n.json"
+    path.write_text(json.dumps([good_record(), broken(lambda r: r.update(prompt="\n\nUser: x\n\nAssistant: "))]))
+    with pytest.raises(NectarFormatError, match=rf"^{path} record index 1: prompt does not start") as err:
+        load_nectar(str(path))
+    assert err.value.line is None
 
 
 def test_skip_drops_and_counts_every_reason(tmp_path):

@@ -2,6 +2,7 @@
 that the key never shows, against a scripted OpenAI-compatible server on 127.0.0.1."""
 
 import json
+import time
 from collections import Counter
 from dataclasses import asdict
 
@@ -107,3 +108,27 @@ def test_a_local_server_needs_no_key(monkeypatch, server):
     monkeypatch.setenv("STARLING_JUDGE_BASE_URL", server.url)
     reply = llm_client.ChatClient(llm_client.ClientConfig.from_env("local-model")).complete_messages(MESSAGES)
     assert reply.text == "Rating: [[7]]" and server.requests[0]["authorization"] == "Bearer EMPTY"
+
+
+def test_timeout_bounds_the_whole_attempt_not_each_read(env, server):
+    # The trickled reply sends a piece every ~0.05 s for 2 s: no single read waits timeout_s, but the
+    # attempt as a whole does, so it is abandoned (and retried) instead of accepted after 2 s.
+    server.script = [("trickle", 2.0), ("ok", "fine")]
+    c, waits = client(timeout_s=0.3)
+    start = time.monotonic()
+    reply = c.complete_messages(MESSAGES)
+    assert time.monotonic() - start < 1.0
+    assert reply.text == "fine" and reply.retries == 1 and c.retry_counts == Counter({"timeout": 1})
+    server.script = [("trickle", 2.0)]
+    c, _ = client(timeout_s=0.3, max_retries=0)
+    start = time.monotonic()
+    with pytest.raises(llm_client.RequestError, match="not complete after timeout_s=0.3") as err:
+        c.complete_messages(MESSAGES)
+    assert err.value.kind == "timeout" and time.monotonic() - start < 1.0
+
+
+def test_a_trickled_reply_within_the_timeout_is_read_whole(env, server):
+    server.script = [("trickle", 0.2)]
+    c, _ = client(timeout_s=5.0)
+    reply = c.complete_messages(MESSAGES)
+    assert reply.text == "Rating: [[7]]" and reply.retries == 0 and reply.completion_tokens == 20

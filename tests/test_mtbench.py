@@ -168,7 +168,9 @@ def test_likelihood_rating_is_an_expectation_over_1_to_10(tiny):
     judge = mtbench.LocalJudge(model, tok, "tiny", mode="likelihood")
     q = mtbench.load_questions(per_category=1, categories=["math"])[0]
     prompts = [mtbench.judge_prompt(q, ["42", "43"], turn)[1:] for turn in (1, 2)]
-    ratings = judge.rate(prompts)
+    seen = []
+    ratings = judge.rate(prompts, on_rating=lambda i, r: seen.append((i, r)))
+    assert seen == list(enumerate(ratings))             # each handed over as it is made
     for r, (system, user) in zip(ratings, prompts):
         p = np.asarray(r.probs)
         assert r.mode == "likelihood" and p.shape == (10,) and (p > 0).all()
@@ -202,6 +204,7 @@ class Interrupted(Exception):
 
 
 class CountingJudge:
+    """A judge written without `on_rating`: judge_answers caches its ratings per batch."""
     id = "counting-judge"
     mode = "generate"
 
@@ -246,7 +249,7 @@ def test_interrupted_evaluation_resumes_without_regenerating_or_rejudging(tiny, 
     judge = CountingJudge()
     answers, judgments = mtbench.evaluate(FakeModel(), tok, "m", questions, judge, tmp_path, **run)
     assert len(generated) == 16  # nothing regenerated
-    assert judge.calls == 16 - 4  # only the unfinished judgments (a batch of 4 was cached before the crash)
+    assert judge.calls == 16 - 4  # only the unfinished judgments (this judge's first batch of 4 was cached)
     assert len(judgments) == 16 and (judgments["rating"] == 7.0).all()
     assert all(len(a) == 2 for a in answers.values())
 
@@ -350,3 +353,53 @@ def test_eval_metrics_adds_the_run_settings_to_the_scores():
                  "eval/mt_bench/judge": "local:tiny:likelihood", "eval/mt_bench/judge_mode": "likelihood",
                  "eval/mt_bench_by_category": {"a": {"writing": 7.0}}, "eval/models": ["a"]}
 
+
+
+class PaidClient:
+    """A ChatClient on the fake server that dies (as if killed) before its request number `die_at`."""
+
+    def __init__(self, die_at=None):
+        self.client = llm_client.ChatClient(llm_client.ClientConfig.from_env(temperature=0.0, max_tokens=2048),
+                                            sleep=lambda s: None)
+        self.config, self.die_at, self.calls = self.client.config, die_at, 0
+
+    def complete_messages(self, messages):
+        if self.die_at is not None and self.calls >= self.die_at:
+            raise Interrupted
+        self.calls += 1
+        return self.client.complete_messages(messages)
+
+
+def test_a_kill_mid_batch_loses_no_paid_judgment(server, tmp_path):
+    q = mtbench.load_questions(per_category=2)[:10]     # 10 questions, 20 judgments, batches of 8
+    answers = {x["question_id"]: ["a1", "a2"] for x in q}
+    path = tmp_path / "judgments.jsonl"
+    with pytest.raises(Interrupted):
+        mtbench.judge_answers(q, answers, "m", mtbench.ApiJudge(client=PaidClient(die_at=5)), path, progress=False)
+    assert len(server.requests) == 5 and len(path.read_text().splitlines()) == 5   # every paid one is on disk
+    j = mtbench.judge_answers(q, answers, "m", mtbench.ApiJudge(client=PaidClient()), path, progress=False)
+    assert len(server.requests) == 20                   # the rerun paid for the other 15 only
+    assert len(j) == 20 and (j["rating"] == 5.0).all()
+
+
+def test_a_401_mid_batch_keeps_the_judgments_already_paid(server, tmp_path):
+    q = mtbench.load_questions(per_category=1, categories=["writing", "roleplay"])   # 4 judgments, one batch
+    answers = {x["question_id"]: ["a1", "a2"] for x in q}
+    path = tmp_path / "judgments.jsonl"
+    server.script = [("ok", "Rating: [[8]]"), ("ok", "Rating: [[6]]"), ("status", 401, "key revoked")]
+    with pytest.raises(llm_client.ClientError, match="http_401"):
+        mtbench.judge_answers(q, answers, "m", _api_judge(), path, progress=False)
+    assert len(path.read_text().splitlines()) == 2
+    j = mtbench.judge_answers(q, answers, "m", _api_judge(), path, progress=False)
+    assert len(server.requests) == 3 + 2                # the rerun asks only for the two not yet judged
+    assert j["rating"].tolist() == [8.0, 6.0, 5.0, 5.0]
+
+
+def test_a_judge_that_returns_too_few_ratings_is_an_error(tmp_path):
+    class Short(CountingJudge):
+        def rate(self, prompts, progress=False):
+            return super().rate(prompts)[:-1]
+
+    q = mtbench.load_questions(per_category=1, categories=["writing"])
+    with pytest.raises(RuntimeError, match="returned 1 ratings for 2 prompts"):
+        mtbench.judge_answers(q, {81: ["a1", "a2"]}, "m", Short(), tmp_path / "j.jsonl", progress=False)

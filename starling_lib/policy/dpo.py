@@ -10,9 +10,12 @@ The same `PolicyTrainConfig` as the online trainer, read as follows:
   prompt), prompts longer than `max_prompt_tokens` skipped, a seeded random subset of
   steps x rollouts_per_step / 2 pairs, i.e. as many sequences as the online methods generate;
 - optimisation: `epochs_per_batch` epochs over them, minibatch_size / 2 pairs per optimizer step
-  (micro_batch_size / 2 per forward, the rest by gradient accumulation), so DPO makes exactly as
-  many optimizer steps as the online methods, on as many sequences per step; same lr, schedule,
-  gradient clipping and trainable layers (the top `unfrozen_layers`; the rest frozen);
+  (micro_batch_size / 2 per forward, the rest by gradient accumulation), on as many sequences per
+  step as the online methods; same lr, schedule, gradient clipping and trainable layers (the top
+  `unfrozen_layers`; the rest frozen). It makes as many optimizer steps as the online methods only
+  when the training prompts that fit hold steps x rollouts_per_step / 2 pairs and minibatch_size
+  divides rollouts_per_step; otherwise fewer (at the 7B recipe's sizes 45,716 against 60,000).
+  `result.extra["optimizer_steps"]` records the count, and notebook 04's table prints it;
 - `dpo_beta` is DPO's beta; sequences are cut to `dpo_max_length` tokens (TRL's keep_start);
 - the reference is the initial policy (a separate frozen copy, TRL's way);
 - evaluation: the trained policy is wrapped with the initial policy as its reference
