@@ -27,6 +27,10 @@ the answers are shuffled before display. The statistics:
   * one summary number per run: the total-variation distance from uniform,
     TV = 1/2 sum_i |p_i - 1/K|, and its null distribution for the run's size (a finite run of
     an unbiased judge still has TV > 0: about 0.07 for 190 prompts and K = 7).
+Every comparison carries its interval (starling_lib/stats.py): TV has a percentile bootstrap
+interval, the difference of two runs' TV an interval from resampling each run (`tv_difference`,
+`tv_changes` for each mitigation against the plain ranking), and the cost of a simulated bias in
+label quality a paired t-interval over prompts (`tau_difference`, `tau_costs`).
 Label quality against a known truth is Kendall's tau (`kendall_tau_a`, the project's one Kendall
 tau, which rm_eval uses too); `bias_metrics` assembles notebook 02's metrics.json entries.
 
@@ -46,6 +50,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from starling_lib.stats import CONFIDENCE, paired_interval, percentile_interval, verdict
 
 # The six bundled runs, in the order of the Starling blog's positional-bias figures: folder name
 # -> a short label for plots and tables.
@@ -223,6 +229,39 @@ def bootstrap_top_position(orders: np.ndarray, n_boot: int = 2000, level: float 
     return np.quantile(shares, tail, axis=0), np.quantile(shares, 1.0 - tail, axis=0)
 
 
+def bootstrap_tv(orders: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """TV distance from uniform of `n_boot` bootstrap resamples of the run's prompts: (n_boot,).
+
+    The replicates give TV's percentile interval, and, drawn for two runs, the interval of their
+    difference (`tv_difference`). TV of a finite run is biased upwards (an unbiased judge's is
+    about 0.07 at 190 prompts), so read a single run's TV against `tv_null`, and a difference
+    between runs of similar size, where the bias mostly cancels, against its interval.
+    """
+    n, k = orders.shape
+    rng = np.random.default_rng(seed)
+    onehot = np.eye(k)[orders[:, 0]]                      # (n, K)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    shares = onehot[idx].mean(axis=1)                     # (n_boot, K)
+    return 0.5 * np.abs(shares - 1.0 / k).sum(axis=1)     # (n_boot,)
+
+
+def tv_difference(records_a: Sequence[Mapping], records_b: Sequence[Mapping], n_boot: int = 2000,
+                  confidence: float = CONFIDENCE, seed: int = 0) -> dict[str, Any]:
+    """TV(a) - TV(b) of two rating runs with its percentile bootstrap interval: keys diff,
+    ci_low, ci_high, verdict ("below": a is less biased than b; "above": more; else
+    "indistinguishable").
+
+    Each run's prompts are resampled on their own. The six bundled runs share most of their
+    prompts, and a judge's bias on a prompt is likely alike across variants, so this interval is
+    if anything wider than a paired one would be: a difference it calls distinguishable is.
+    """
+    a, b = ranking_orders(records_a), ranking_orders(records_b)
+    diff = tv_distance(top_position_distribution(a)) - tv_distance(top_position_distribution(b))
+    reps = bootstrap_tv(a, n_boot, seed) - bootstrap_tv(b, n_boot, seed + 1)
+    low, high = percentile_interval(reps, confidence)
+    return {"diff": float(diff), "ci_low": low, "ci_high": high, "verdict": verdict(low, high)}
+
+
 def tv_null(n: int, k: int, n_sim: int = 5000, seed: int = 0) -> np.ndarray:
     """TV distances from uniform of `n_sim` simulated runs of n prompts by an unbiased judge."""
     rng = np.random.default_rng(seed)
@@ -257,22 +296,44 @@ def kendall_tau(order: Sequence[int], reference: Sequence[int]) -> float:
     return kendall_tau_a(-np.arange(len(order)), [-place[item] for item in order])
 
 
-def reference_agreement(records: Sequence[Mapping]) -> float:
-    """Mean Kendall tau between each parsed ranking and the order of the answers' `rank` field.
+def prompt_taus(records: Sequence[Mapping]) -> list[float | None]:
+    """Per record, Kendall's tau between its parsed ranking and the order of its answers' `rank`
+    field; None where the judge's output had no ranking (so two runs over the same prompts stay
+    aligned record by record, as `paired_interval` needs).
 
     In a run of the simulated judge `rank` is the known truth, so this measures label quality. In
     the bundled runs `rank` is Nectar's released label (another GPT-4 ranking), not a truth.
     """
-    taus = []
+    taus: list[float | None] = []
     for r in records:
         if r.get("ranking_order") is None:
+            taus.append(None)
             continue
         ranks = [a.get("rank") for a in r["answers"]]
         if any(x is None for x in ranks):
             raise ValueError("reference_agreement needs a `rank` on every answer")
         truth = sorted(range(len(ranks)), key=lambda p: ranks[p])
         taus.append(kendall_tau(r["ranking_order"], truth))
+    return taus
+
+
+def reference_agreement(records: Sequence[Mapping]) -> float:
+    """Mean over the parsed rankings of `prompt_taus`: the run's agreement with the `rank` field."""
+    taus = [t for t in prompt_taus(records) if t is not None]
     return float(np.mean(taus)) if taus else float("nan")
+
+
+def tau_difference(records_a: Sequence[Mapping], records_b: Sequence[Mapping],
+                   confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Mean per-prompt Kendall tau of run a minus run b over the prompts both ranked, with the
+    paired t-interval: keys diff, ci_low, ci_high, n, verdict ("below": a agrees less with the
+    reference). The two runs must rate the same prompts in the same order (as notebook 02's
+    biased and unbiased simulated judges do); a prompt either run could not parse is left out."""
+    if len(records_a) != len(records_b) or any(x["prompt"] != y["prompt"] for x, y in zip(records_a, records_b)):
+        raise ValueError("tau_difference needs two runs of the same prompts in the same order")
+    d = paired_interval(prompt_taus(records_a), prompt_taus(records_b), confidence)
+    return {"diff": d["mean"], "ci_low": d["ci95_low"], "ci_high": d["ci95_high"], "n": d["n"],
+            "verdict": verdict(d["ci95_low"], d["ci95_high"])}
 
 
 def bias_summary(records: Sequence[Mapping], n_boot: int = 2000, level: float = 0.95,
@@ -280,11 +341,12 @@ def bias_summary(records: Sequence[Mapping], n_boot: int = 2000, level: float = 
     """Every statistic of one run, as plain Python values.
 
     num_ratings, num_unparsed, k, top_position (list, P(position 1..K)), ci_low / ci_high (lists),
-    tv_distance, tv_null_mean / tv_null_q95 (TV of an unbiased judge on as many prompts: mean and
+    tv_distance with tv_ci_low / tv_ci_high (its percentile bootstrap interval), tv_null_mean / tv_null_q95 (TV of an unbiased judge on as many prompts: mean and
     95th percentile), tv_p_value (share of unbiased runs with TV at least as large), chi2,
     chi2_p_value, winner_mean_position (1-based; (K+1)/2 without bias), rank_equals_position
     (share of answers ranked at their own display position; 1/K without bias), display_order_kept
-    (share of rankings identical to the display order A, B, C, ...; 1/K! without bias).
+    (share of rankings identical to the display order A, B, C, ...; 1/K! without bias) and
+    num_display_order_kept (their number).
     """
     orders = ranking_orders(records)
     n, k = orders.shape
@@ -294,6 +356,7 @@ def bias_summary(records: Sequence[Mapping], n_boot: int = 2000, level: float = 
     lo, hi = bootstrap_top_position(orders, n_boot=n_boot, level=level, seed=seed)
     chi2, chi2_p = chi2_uniform(top_position_counts(orders, k))
     tv = tv_distance(p)
+    tv_low, tv_high = percentile_interval(bootstrap_tv(orders, n_boot=n_boot, seed=seed), level)
     null = tv_null(n, k, seed=seed)
     return {
         "num_ratings": int(n),
@@ -303,6 +366,8 @@ def bias_summary(records: Sequence[Mapping], n_boot: int = 2000, level: float = 
         "ci_low": [float(x) for x in lo],
         "ci_high": [float(x) for x in hi],
         "tv_distance": tv,
+        "tv_ci_low": tv_low,
+        "tv_ci_high": tv_high,
         "tv_null_mean": float(null.mean()),
         "tv_null_q95": float(np.quantile(null, 0.95)),
         "tv_p_value": float((null >= tv - 1e-12).mean()),
@@ -311,7 +376,24 @@ def bias_summary(records: Sequence[Mapping], n_boot: int = 2000, level: float = 
         "winner_mean_position": float((orders[:, 0] + 1).mean()),
         "rank_equals_position": float((orders == np.arange(k)).mean()),
         "display_order_kept": float((orders == np.arange(k)).all(axis=1).mean()),
+        "num_display_order_kept": int((orders == np.arange(k)).all(axis=1).sum()),
     }
+
+
+def tv_changes(rating_runs: Mapping[str, Sequence[Mapping]], baseline: str = "no_pairwise", n_boot: int = 2000,
+               seed: int = 0) -> dict[str, dict[str, Any]]:
+    """`tv_difference` of every run but `baseline` against it, by variant: what each mitigation
+    did to the bias, with the interval that says whether it did anything this run can see."""
+    return {name: tv_difference(run, rating_runs[baseline], n_boot=n_boot, seed=seed)
+            for name, run in rating_runs.items() if name != baseline}
+
+
+def tau_costs(sim_runs: Mapping[tuple[str, str], Sequence[Mapping]]) -> dict[str, dict[str, Any]]:
+    """By variant, `tau_difference` of the biased simulated judge's run against the unbiased one's
+    (sim_runs keyed by (judge, variant), judge "biased" / "unbiased"): the label quality the bias
+    costs, negative when it flips pairwise labels."""
+    variants = [v for who, v in sim_runs if who == "biased"]
+    return {v: tau_difference(sim_runs["biased", v], sim_runs["unbiased", v]) for v in variants}
 
 
 def summary_table(summaries: Mapping[str, Mapping], labels: Mapping[str, str] | None = None):
@@ -322,7 +404,8 @@ def summary_table(summaries: Mapping[str, Mapping], labels: Mapping[str, str] | 
     for name, s in summaries.items():
         rows.append({"run": name, "label": labels.get(name, name), "prompts": s["num_ratings"],
                      "unparsed": s["num_unparsed"], "P(top = 1)": s["top_position"][0],
-                     "tv_distance": s["tv_distance"], "tv_null_q95": s["tv_null_q95"],
+                     "tv_distance": s["tv_distance"], "tv_ci_low": s["tv_ci_low"], "tv_ci_high": s["tv_ci_high"],
+                     "tv_null_q95": s["tv_null_q95"],
                      "chi2": s["chi2"], "chi2_p_value": s["chi2_p_value"],
                      "winner_mean_position": s["winner_mean_position"],
                      "rank_equals_position": s["rank_equals_position"],
@@ -331,20 +414,25 @@ def summary_table(summaries: Mapping[str, Mapping], labels: Mapping[str, str] | 
 
 
 # The per-run statistics of `bias_summary` that notebook 02 records in metrics.json.
-METRIC_KEYS = ("tv_distance", "tv_null_q95", "chi2", "chi2_p_value", "num_ratings", "winner_mean_position",
-               "rank_equals_position", "display_order_kept")
+METRIC_KEYS = ("tv_distance", "tv_ci_low", "tv_ci_high", "tv_null_q95", "chi2", "chi2_p_value", "num_ratings", "winner_mean_position",
+               "rank_equals_position", "display_order_kept", "num_display_order_kept")
 LIVE_METRIC_KEYS = ("tv_distance", "chi2_p_value", "num_ratings", "num_unparsed")
 
 
 def bias_metrics(summaries: Mapping[str, Mapping], sim_summaries: Mapping[tuple[str, str], Mapping],
                  sim_runs: Mapping[tuple[str, str], Sequence[Mapping]], num_sim_prompts: int,
-                 live_summary: Mapping | None = None, live_report: Any = None) -> dict:
+                 live_summary: Mapping | None = None, live_report: Any = None,
+                 tv_change: Mapping[str, Mapping] | None = None, tau_cost: Mapping[str, Mapping] | None = None,
+                 comparisons: Mapping[str, Mapping] | None = None) -> dict:
     """Notebook 02's metrics.json entries, all under `bias/`.
 
     summaries: `bias_summary` of each bundled run, by variant. sim_summaries and sim_runs: the
     simulated judge's summaries and rating runs by (judge, variant), judge "biased" or "unbiased";
     num_sim_prompts: the prompts each simulated run rated. live_summary and live_report (the
-    judge.RatingReport of the live run): None when there was no live run.
+    judge.RatingReport of the live run): None when there was no live run. tv_change: `tv_changes`
+    of the bundled runs; tau_cost: `tau_costs` of the simulated runs (each recorded as diff,
+    ci_low, ci_high when given); comparisons: any other `tv_difference` / `tau_difference` results
+    the notebook reads, by name, recorded as `bias/compare/<name>/diff|ci_low|ci_high`.
     """
     table = summary_table(summaries)
     metrics: dict[str, Any] = {
@@ -354,6 +442,7 @@ def bias_metrics(summaries: Mapping[str, Mapping], sim_summaries: Mapping[tuple[
         "bias/most_biased": table.index[0],
         "bias/least_biased": table.index[-1],
         "bias/sim/num_prompts": num_sim_prompts,
+        "bias/uniform_share": 1.0 / next(iter(summaries.values()))["k"],
         "bias/sim/top_position": {variant: s["top_position"] for (who, variant), s in sim_summaries.items()
                                   if who == "biased"},
     }
@@ -363,7 +452,17 @@ def bias_metrics(summaries: Mapping[str, Mapping], sim_summaries: Mapping[tuple[
         metrics[f"bias/sim/{who}/{variant}/tv_distance"] = s["tv_distance"]
         metrics[f"bias/sim/{who}/{variant}/num_unparsed"] = s["num_unparsed"]
     for (who, variant), run in sim_runs.items():
-        metrics[f"bias/sim/{who}/{variant}/kendall_tau"] = reference_agreement(run)
+        tau = reference_agreement(run)
+        metrics[f"bias/sim/{who}/{variant}/kendall_tau"] = tau
+        metrics[f"bias/sim/{who}/{variant}/pairs_flipped"] = (1 - tau) / 2  # the share of the K(K-1)/2 labels wrong
+    for name, d in (tv_change or {}).items():
+        metrics.update({f"bias/{name}/tv_change_vs_plain{suffix}": d[key]
+                        for suffix, key in (("", "diff"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))})
+    for name, d in (comparisons or {}).items():
+        metrics.update({f"bias/compare/{name}/{key}": d[key] for key in ("diff", "ci_low", "ci_high")})
+    for variant, d in (tau_cost or {}).items():
+        metrics.update({f"bias/sim/{variant}/kendall_tau_cost{suffix}": d[key]
+                        for suffix, key in (("", "diff"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))})
     if live_summary is not None:
         metrics.update({f"bias/live/{key}": live_summary[key] for key in LIVE_METRIC_KEYS})
         metrics.update({"bias/live/top_position": live_summary["top_position"], "bias/live/judge": live_report.judge,
@@ -413,4 +512,29 @@ def plot_top_position(summaries: Mapping[str, Mapping], labels: Mapping[str, str
         ax.set_visible(False)
     axes.flat[0].legend(loc="upper right", fontsize="small")
     fig.suptitle(title)
+    return fig
+
+
+def plot_tv_changes(changes: Mapping[str, Mapping], labels: Mapping[str, str] | None = None,
+                    title: str = "Change in TV distance against the plain ranking"):
+    """One row per run of `tv_changes`: TV(run) - TV(baseline) with its 95% interval, and the
+    zero line (no change). Left of it the mitigation lowered the bias."""
+    import matplotlib.pyplot as plt
+    labels = labels or {}
+    names = list(changes)
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(names) + 1.4), layout="constrained")
+    y = np.arange(len(names))
+    diff = np.array([changes[n]["diff"] for n in names])
+    low = np.array([changes[n]["ci_low"] for n in names])
+    high = np.array([changes[n]["ci_high"] for n in names])
+    colors = ["C0" if changes[n]["verdict"] == "below" else "C3" if changes[n]["verdict"] == "above" else "grey"
+              for n in names]
+    ax.hlines(y, low, high, colors=colors, lw=2.5)
+    ax.scatter(diff, y, color=colors, zorder=3, label="change, 95% bootstrap interval")
+    ax.axvline(0, color="black", ls="--", lw=1, label="no change")
+    ax.set_yticks(y, [labels.get(n, n) for n in names])
+    ax.invert_yaxis()
+    ax.set(title=title, xlabel="TV(variant) - TV(plain ranking)  (negative = less positional bias)",
+           ylabel="prompting variant")
+    ax.legend(loc="lower right", fontsize="small")
     return fig

@@ -10,6 +10,9 @@ and in a notebook, to show a sweep's table and figure:
     sweep_table(summary)                                             # the same, formatted for reading
     plot_sweep(summary)
 
+Notebooks 03 and 04 end with an "Across seeds" section that does this for the sweep named by their
+`sweep_dir` parameter, or the one their run belongs to (`find_sweep`).
+
 Each seed is an ordinary pipeline run (starling_lib/pipeline.py) with the `seed` parameter set to
 it, in its own folder of the sweep's run folder:
 
@@ -64,10 +67,10 @@ import pandas as pd
 from starling_lib.pipeline import (KERNEL, NotebookFailed, PipelineError, _new_run_dir, _now, _rel,
                                    execute_plan, plan_run)
 from starling_lib.runs import git_commit
+from starling_lib.stats import CONFIDENCE, t_interval
 
 SEED_PARAMETER = "seed"
 SEED_DIR_PREFIX = "seed_"
-CONFIDENCE = 0.95
 SKIPPED_NAMESPACES = ("params/", "run/")  # inputs and provenance, not results
 
 SWEEP_JSON = "sweep.json"
@@ -126,6 +129,8 @@ HEADLINES: tuple[Headline, ...] = (
              exclude=r"eval/mt_bench/num_questions|.+/(?:se|turn_1|turn_2|n_valid|n_failed)"),
     Headline(r"eval/alpaca_eval/.+/win_rate", "05 AlpacaEval win rate against the baseline",
              "win rate (%)", 50.0, "even with the baseline"),
+    Headline(r"laser/(?:search|heldout)/relative_change", "06 LaserRMT: relative change in perplexity, search and held-out",
+             "relative change in perplexity", 0.0, "no change"),
 )
 
 
@@ -370,24 +375,6 @@ def sweep_values(run_dir: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["seed", "notebook", "metric", "value"])
 
 
-def t_interval(values: Iterable[float], confidence: float = CONFIDENCE) -> dict[str, float]:
-    """n, mean, sd (n - 1 in the denominator), se = sd / sqrt(n) and the two-sided t-interval
-    mean -+ t(1 - (1 - confidence) / 2, n - 1) * se (scipy.stats.t) of the finite values given.
-    Fewer than two values: sd, se and the interval are NaN (and everything is NaN for none)."""
-    from scipy import stats
-
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    n = len(x)
-    out = {"n": n, "mean": float(x.mean()) if n else math.nan, "sd": math.nan, "se": math.nan,
-           "ci95_low": math.nan, "ci95_high": math.nan}
-    if n >= 2:
-        sd = float(x.std(ddof=1))
-        se = sd / math.sqrt(n)
-        half = float(stats.t.ppf(1 - (1 - confidence) / 2, n - 1)) * se
-        out.update(sd=sd, se=se, ci95_low=out["mean"] - half, ci95_high=out["mean"] + half)
-    return out
-
-
 def summarize_values(values: pd.DataFrame, seeds: Sequence[int]) -> pd.DataFrame:
     """One row per (notebook, metric) of a `sweep_values` table: t_interval's n, mean, sd, se,
     ci95_low, ci95_high; `missing`, the seeds of `seeds` without a finite value (text, e.g. "2"
@@ -441,6 +428,39 @@ def load_sweep(run_dir: str | os.PathLike, metrics: str | Sequence[str] | None =
     record = _read_json(run_dir / SWEEP_JSON) or {}
     summary.attrs.update(name=record.get("sweep", {}).get("name", run_dir.name), seeds=list(seeds["seed"]),
                          failures=seeds[seeds["status"] != "ok"].to_dict("records"), run_dir=str(run_dir))
+    return summary
+
+
+def find_sweep(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike = "") -> Path | None:
+    """The sweep a notebook shows in its "Across seeds" section: `sweep_dir` when given (an error
+    if it is not a sweep), else the sweep `run_dir` is one seed of (a `seed_<n>` folder whose
+    parent holds sweep.json: while that sweep runs, only the seeds finished so far have values),
+    else None."""
+    if sweep_dir:
+        path = Path(sweep_dir)
+        if not (path / SWEEP_JSON).is_file() and not any(path.glob(f"{SEED_DIR_PREFIX}*")):
+            raise FileNotFoundError(f"sweep_dir={str(sweep_dir)!r} is not a seed sweep: no {SWEEP_JSON} and no "
+                                    f"{SEED_DIR_PREFIX}<n> folders (make one with python -m starling_lib.pipeline CONFIG --seeds 0-3)")
+        return path
+    if not run_dir:
+        return None
+    run_dir = Path(run_dir).resolve()
+    if run_dir.name.startswith(SEED_DIR_PREFIX) and (run_dir.parent / SWEEP_JSON).is_file():
+        return run_dir.parent
+    return None
+
+
+def across_seeds(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike = "",
+                 metrics: str | Sequence[str] | None = None) -> pd.DataFrame | None:
+    """A notebook's "Across seeds" section: `load_sweep(find_sweep(run_dir, sweep_dir), metrics)`,
+    with a line saying which sweep and seeds it shows; None (and a line saying so) when the run
+    is not part of a sweep and none is named."""
+    path = find_sweep(run_dir, sweep_dir)
+    if path is None:
+        print("This run is not part of a seed sweep (set sweep_dir to show one): its readings rest on one seed.")
+        return None
+    summary = load_sweep(path, metrics)
+    print(f"Seed sweep {path}: seeds {summary.attrs['seeds']}, {len(summary.attrs['failures'])} not finished (yet)")
     return summary
 
 

@@ -108,6 +108,41 @@ def test_reference_agreement_uses_the_answers_rank():
     assert bias.reference_agreement([perfect, reversed_, record(None)]) == pytest.approx(0.0)
 
 
+def test_tv_bootstrap_is_degenerate_on_an_all_first_run_and_covers_the_estimate():
+    all_first = bias.ranking_orders([record([0, 1, 2])] * 20)
+    assert np.allclose(bias.bootstrap_tv(all_first, n_boot=50), 2 / 3)  # every resample: TV = 1 - 1/3
+    s = bias.bias_summary(HAND_RUN, n_boot=500)
+    assert s["tv_ci_low"] <= s["tv_distance"] <= s["tv_ci_high"]
+
+
+def test_tv_difference_sees_a_large_gap_and_not_a_null_one():
+    # 60 rankings with every winner first (TV 2/3) against 60 with winners spread evenly (TV 0)
+    front = [record([0, 1, 2])] * 60
+    even = [record([p, (p + 1) % 3, (p + 2) % 3]) for p in range(3)] * 20
+    d = bias.tv_difference(even, front, n_boot=500)
+    assert d["diff"] == pytest.approx(-2 / 3) and d["ci_high"] < 0 and d["verdict"] == "below"
+    same = bias.tv_difference(even, even, n_boot=500)
+    assert same["diff"] == 0 and same["ci_low"] <= 0 <= same["ci_high"] and same["verdict"] == "indistinguishable"
+    changes = bias.tv_changes({"no_pairwise": front, "fixed": even}, n_boot=200)
+    assert list(changes) == ["fixed"] and changes["fixed"]["verdict"] == "below"
+
+
+def test_tau_difference_is_paired_by_prompt_and_skips_unparsed_rows():
+    # truth = display order; run a ranks prompts 1, 2 perfectly (tau 1) and prompt 3 reversed (-1);
+    # run b ranks all three perfectly and cannot parse a fourth: differences 0, 0, -2 over 3 prompts.
+    a = [record([0, 1, 2]), record([0, 1, 2]), record([2, 1, 0]), record([0, 1, 2])]
+    b = [record([0, 1, 2]), record([0, 1, 2]), record([0, 1, 2]), record(None)]
+    assert bias.prompt_taus(b) == [1.0, 1.0, 1.0, None]
+    d = bias.tau_difference(a, b)
+    assert d["n"] == 3 and d["diff"] == pytest.approx(-2 / 3)
+    half = 4.3027 * (2 / math.sqrt(3)) / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n), sd of (0, 0, -2) = 2/sqrt(3)
+    assert d["ci_low"] == pytest.approx(-2 / 3 - half, abs=1e-3) and d["verdict"] == "indistinguishable"
+    with pytest.raises(ValueError, match="same prompts"):
+        bias.tau_difference(a, b[:3])
+    costs = bias.tau_costs({("biased", "v"): a, ("unbiased", "v"): b})
+    assert costs["v"]["diff"] == pytest.approx(-2 / 3)
+
+
 def test_mixed_k_in_one_run_is_refused():
     with pytest.raises(ValueError, match="one K"):
         bias.ranking_orders([record([0, 1, 2]), record([0, 1], k=2)])
@@ -178,6 +213,12 @@ def test_bias_metrics_of_a_run_with_a_simulated_and_a_live_part():
     sim_summaries = {key: summaries["a"] for key in sim_runs}
     live = RatingReport(variant="a", judge="fake-judge", path="x", prompt_tokens=30, completion_tokens=6)
     m = bias.bias_metrics(summaries, sim_summaries, sim_runs, 5)
+    assert m["bias/a/tv_ci_low"] <= m["bias/a/tv_distance"] <= m["bias/a/tv_ci_high"]
+    compared = bias.bias_metrics(summaries, sim_summaries, sim_runs, 5,
+                                 tv_change={"b": {"diff": 0.5, "ci_low": 0.1, "ci_high": 0.9}},
+                                 tau_cost={"a": {"diff": -0.2, "ci_low": -0.3, "ci_high": -0.1}})
+    assert (compared["bias/b/tv_change_vs_plain"], compared["bias/b/tv_change_vs_plain_ci_high"]) == (0.5, 0.9)
+    assert compared["bias/sim/a/kendall_tau_cost_ci_low"] == -0.3
     assert m["bias/most_biased"] == "b" and m["bias/least_biased"] == "a"  # b: every winner shown first
     assert m["bias/top_position"] == {"a": [0.5, 0.25, 0.25], "b": [1.0, 0.0, 0.0]}
     assert m["bias/a/num_ratings"] == 4 and m["bias/a/tv_distance"] == pytest.approx(1 / 6)

@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from readings_check import reading_lines, underived_numbers
 from starling_lib import bias
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def executed(tmp_path_factory, run_notebook):
     env = {"STARLING_JUDGE_BASE_URL": f"http://127.0.0.1:{server.server_address[1]}/v1",
            "STARLING_JUDGE_MODEL": "fake-judge", "STARLING_JUDGE_API_KEY": KEY}
     try:
-        out, metrics = run_notebook("02_positional_bias", tmp, {"sim_prompts": 40, "n_bootstrap": 200, "live_prompts": 3},
+        out, metrics = run_notebook("02_positional_bias", tmp, {"sim_prompts": 40, "n_bootstrap": 200, "live_prompts": 3, "seed": 1},
                                     env=env)
     finally:
         server.shutdown()
@@ -98,8 +99,21 @@ def test_live_part_ran_against_the_local_server_and_no_key_reached_disk(executed
     assert (m["bias/live/prompt_tokens"], m["bias/live/completion_tokens"]) == (300, 60)
     assert (out / "live" / "tiebreak_order_given" / "cache.jsonl").exists()
     assert {p.stem for p in (out / "figures").glob("*.png")} == {
-        "top_position_by_variant", "position_rank_matrices", "simulated_top_position",
+        "top_position_by_variant", "tv_change_by_variant", "position_rank_matrices", "simulated_top_position",
         "simulated_label_quality", "live_top_position"}
     for path in tmp.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".jsonl", ".ipynb"}:
             assert KEY not in path.read_text(), f"the API key leaked into {path}"
+
+
+def test_every_printed_reading_is_derived_from_this_run(executed):
+    tmp, _, m, _ = executed
+    lines = reading_lines(tmp / "02_positional_bias.ipynb")
+    assert sum(line.startswith(tuple(f"{i}." for i in range(1, 7))) for line in lines) >= 10, lines
+    assert any("live run" in line for line in lines)
+    assert underived_numbers(lines, m) == []
+    # every mitigation's change in TV against the plain ranking is recorded with its interval
+    for variant in bias.RATING_VARIANTS:
+        if variant != "no_pairwise":
+            low, diff, high = (m[f"bias/{variant}/tv_change_vs_plain{s}"] for s in ("_ci_low", "", "_ci_high"))
+            assert low <= diff <= high, variant

@@ -7,6 +7,7 @@ policy, eval), through the run_notebook fixture of conftest.py.
 
 import ast
 import copy
+import re
 from pathlib import Path
 
 import nbformat
@@ -98,6 +99,20 @@ def test_title_lesson_and_metrics(nb):
     assert "write_metrics" in last_code.source, f"{path.name}: the last cell writes metrics.json"
     imports = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
     assert "starling_lib" in imports
+
+
+def test_the_reading_text_quotes_no_figures(nb):
+    """"Reading the figures" says what to look for; the numbers come from the cell below it, which
+    prints this run's. A decimal or a percentage typed into that markdown would be another run's."""
+    path, notebook = nb
+    readings = [c.source for c in notebook.cells if c.cell_type == "markdown"
+                and c.source.lstrip().startswith("## Reading the figures")]
+    assert len(readings) == 1, f"{path.name}: one '## Reading the figures' section"
+    prose = re.sub(r"\$\$.*?\$\$|\$[^$]*\$|`[^`]*`", "", readings[0], flags=re.S)  # formulas and names may hold numbers
+    typed = [n for n in re.findall(r"(?<![\w.-])\d+(?:\.\d+)?%|(?<![\w.-])\d+\.\d+", prose) if n != "95%"]
+    assert typed == [], f"{path.name}: figures typed into 'Reading the figures': {typed}"
+    after = notebook.cells[[c.source for c in notebook.cells].index(readings[0]) + 1:]
+    assert any(c.cell_type == "code" and "print(" in c.source for c in after), f"{path.name}: a cell prints the readings"
 
 
 def test_parameters_are_recorded_from_the_parameters_cell(nb):

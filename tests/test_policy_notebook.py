@@ -5,6 +5,8 @@ private STARLING_CACHE, so the tiny model and the small warm-up are built here a
 cache is left alone.
 """
 
+import json
+
 import nbformat
 import pytest
 
@@ -19,10 +21,24 @@ SMALL = {"steps": 2, "rollouts_per_step": 4, "minibatch_size": 2, "micro_batch_s
 METHODS = ["apa", "ppo", "p3o", "dpo"]
 
 
+def hand_sweep(folder):
+    """A finished two-seed sweep of notebook 04 with APA's gain 0.1 and 0.3: mean 0.2."""
+    for seed, gain in enumerate([0.1, 0.3]):
+        (folder / f"seed_{seed}" / STEM).mkdir(parents=True)
+        (folder / f"seed_{seed}" / STEM / "metrics.json").write_text(json.dumps(
+            {"policy/apa/eval_reward_gain": gain, "policy/apa/eval_kl_final": 1.0 + gain, "params/seed": seed}))
+        (folder / f"seed_{seed}" / "summary.json").write_text(json.dumps(
+            {"run": {"status": "ok"}, "notebooks": {STEM: {"status": "ok", "wall_s": 1.0}}}))
+    (folder / "sweep.json").write_text(json.dumps({"sweep": {"name": "hand", "status": "ok"},
+                                                   "seeds": {"0": {"status": "ok"}, "1": {"status": "ok"}}}))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory, run_notebook):
     tmp = tmp_path_factory.mktemp("nb04")
-    out, metrics = run_notebook(STEM, tmp, SMALL, env={"STARLING_CACHE": str(tmp / "cache")})
+    sweep = hand_sweep(tmp / "sweep")
+    out, metrics = run_notebook(STEM, tmp, {**SMALL, "sweep_dir": str(sweep)}, env={"STARLING_CACHE": str(tmp / "cache")})
     return tmp, out, metrics
 
 
@@ -47,7 +63,7 @@ def test_metrics(executed):
 def test_figures_policies_and_messages(executed):
     tmp, out, m = executed
     assert sorted(p.name for p in (out / "figures").glob("*.png")) == [
-        "dpo_training.png", "reward_kl_frontier.png", "reward_over_steps.png", "sft_warmup.png"]
+        "across_seeds.png", "dpo_training.png", "reward_kl_frontier.png", "reward_over_steps.png", "sft_warmup.png"]
     specs = resolve_models("", "", str(tmp / "run"))          # what notebook 05 will evaluate
     assert sorted(specs) == sorted(["initial", *METHODS])
     assert (tmp / "run" / "03_kwise_reward_training" / "reward_model" / "reward_model.json").exists()
@@ -56,3 +72,15 @@ def test_figures_policies_and_messages(executed):
     assert not any(o.get("output_type") == "error" for o in outputs)
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "Notebook 03's reward model is missing from this run folder: trained a small one here" in text
+
+
+def test_readings_carry_intervals_and_the_sweep_across_seeds(executed):
+    tmp, _, m = executed
+    assert m["policy/apa/eval_kl_final_se"] >= 0 and m["params/sweep_dir"] == str(tmp / "sweep")
+    nb = nbformat.read(tmp / f"{STEM}.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    readings = text[text.index("Readings:"):]
+    assert "1. apa raises the held-out reward:" in readings and "P3O's KL against apa's:" in readings
+    assert "2. DPO's gain is indistinguishable from zero:" in readings
+    # the hand-made sweep: gains 0.1 and 0.3, mean 0.2, t(0.975, 1) * sd / sqrt(2) = 12.706 * 0.1414 / 1.414 = 1.271
+    assert "policy/apa/eval_reward_gain: +0.200 [-1.071, 1.471] over 2 seeds: indistinguishable from zero" in readings

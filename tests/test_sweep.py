@@ -20,12 +20,9 @@ import pytest
 
 from starling_lib.pipeline import PipelineError, main, run_config
 from starling_lib.sweep import (HEADLINES, SweepFailed, load_sweep, parse_seeds, plot_sweep, run_sweep,
-                                sweep_seeds, sweep_table, t_interval, write_sweep_summary)
+                                sweep_seeds, sweep_table, write_sweep_summary)
+from test_stats import T975
 from toy_notebooks import make_notebook, write_config
-
-# Student's t, two-sided 95% (the 0.975 quantile), from a printed table.
-T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824}
-
 
 # ---- --seeds text ----------------------------------------------------------------------------
 
@@ -39,21 +36,6 @@ def test_parse_seeds():
                         ("3-1", "runs backwards"), ("0,1,1", r"\[1\] given twice"), ("0-2,2", "given twice")]:
         with pytest.raises(PipelineError, match=match):
             parse_seeds(text)
-
-
-# ---- statistics ------------------------------------------------------------------------------
-
-def test_t_interval_by_hand():
-    # 1, 2, 3, 4: mean 2.5, sd = sqrt(5/3), se = sd / 2, half-width t(0.975, 3) * se
-    out = t_interval([1, 2, 3, 4])
-    sd = math.sqrt(5 / 3)
-    assert out["n"] == 4 and out["mean"] == pytest.approx(2.5)
-    assert out["sd"] == pytest.approx(sd) and out["se"] == pytest.approx(sd / 2)
-    assert out["ci95_low"] == pytest.approx(2.5 - T975[3] * sd / 2, abs=1e-4)
-    assert out["ci95_high"] == pytest.approx(2.5 + T975[3] * sd / 2, abs=1e-4)
-    one = t_interval([7.0, float("nan")])  # NaN is not a value; one value has no spread
-    assert one["n"] == 1 and one["mean"] == 7.0 and math.isnan(one["sd"]) and math.isnan(one["ci95_low"])
-    assert t_interval([])["n"] == 0 and math.isnan(t_interval([])["mean"])
 
 
 def _write(path: Path, data) -> None:
@@ -87,6 +69,15 @@ def hand_sweep(tmp_path) -> Path:
                                 "seeds": {str(s): {"status": "failed" if s == 2 else "ok", "wall_s": 3.0}
                                           for s in range(3)}})
     return run
+
+
+def test_find_sweep_from_a_seed_folder_or_by_name(hand_sweep, tmp_path):
+    from starling_lib.sweep import find_sweep
+    assert find_sweep(hand_sweep / "seed_1") == hand_sweep          # a seed's run folder inside the sweep
+    assert find_sweep(tmp_path / "elsewhere") is None and find_sweep("") is None
+    assert find_sweep("", sweep_dir=hand_sweep) == hand_sweep
+    with pytest.raises(FileNotFoundError, match="is not a seed sweep"):
+        find_sweep("", sweep_dir=tmp_path)
 
 
 def test_aggregation_by_hand(hand_sweep):
@@ -185,10 +176,11 @@ def test_figure(hand_sweep):
 
 def test_headlines_name_real_metrics():
     for metric in ["rm/heldout_pair_accuracy", "rm/baseline/heldout_pair_accuracy", "policy/ppo/eval_reward_gain",
-                   "eval/mt_bench/tiny", "eval/alpaca_eval/sft-tiny/win_rate", "bias/sim/biased/no_pairwise/tv_distance"]:
+                   "eval/mt_bench/tiny", "eval/alpaca_eval/sft-tiny/win_rate", "bias/sim/biased/no_pairwise/tv_distance",
+                   "laser/heldout/relative_change", "laser/search/relative_change"]:
         assert sum(h.matches(metric) for h in HEADLINES) == 1, metric
     for metric in ["rm/heldout_pair_accuracy_se", "policy/ppo/eval_reward_gain_se", "eval/mt_bench/tiny/se",
-                   "eval/mt_bench/num_questions", "eval/mt_bench/tiny/turn_1"]:
+                   "eval/mt_bench/num_questions", "eval/mt_bench/tiny/turn_1", "laser/heldout/relative_change_se"]:
         assert not any(h.matches(metric) for h in HEADLINES), metric
 
 

@@ -38,7 +38,9 @@ def evaluate_policy(policy: SharedTrunkPolicy, tokenizer, reward_model, prompts:
     Sampling uses a private RNG seeded with `seed` (the caller's RNG is untouched), so two policies
     evaluated with the same arguments answer the same prompts with the same random numbers.
     Returns reward_mean, reward_se (standard error over responses), kl (mean over responses of
-    the k3 estimate summed over tokens), response_length, stop_frac (share that ended with
+    the k3 estimate summed over tokens) and kl_se (its standard error over prompts, each prompt's
+    samples averaged first: they share the prompt), rewards and kls (per response, prompt-major,
+    for paired comparisons of two policies), response_length, stop_frac (share that ended with
     `<|end_of_turn|>`), and a few (prompt, response, reward) examples.
     """
     autocast = autocast or contextlib.nullcontext
@@ -69,9 +71,16 @@ def evaluate_policy(policy: SharedTrunkPolicy, tokenizer, reward_model, prompts:
     for e, reward in zip(examples, r.tolist()):
         e["reward"] = reward
     return {"reward_mean": r.mean().item(), "reward_se": (r.std() / math.sqrt(len(r))).item() if len(r) > 1 else 0.0,
-            "kl": k.mean().item(), "response_length": torch.cat(lengths).mean().item(),
+            "kl": k.mean().item(), "kl_se": _prompt_se(k, samples), "kls": k.tolist(),
+            "response_length": torch.cat(lengths).mean().item(),
             "stop_frac": torch.cat(stops).mean().item(), "num_responses": len(r), "samples": samples, "rewards": r.tolist(),
             "examples": examples}
+
+
+def _prompt_se(values: torch.Tensor, samples: int) -> float:
+    """Standard error over prompts of the per-prompt means of `values` (prompt-major, `samples` each)."""
+    per_prompt = values.view(-1, samples).mean(1)                  # (prompts,)
+    return (per_prompt.std() / math.sqrt(len(per_prompt))).item() if len(per_prompt) > 1 else 0.0
 
 
 def eval_settings(cfg: PolicyTrainConfig) -> dict[str, Any]:

@@ -31,19 +31,24 @@ def history_frame(results: dict[str, PolicyTrainResult]):
     return pd.DataFrame(rows)
 
 
-def reward_gain(before: dict, after: dict) -> tuple[float, float]:
-    """(mean gain, standard error) in reward from evaluation `before` to `after` of the same prompts.
+def paired_difference(before: dict, after: dict, key: str = "rewards") -> tuple[float, float]:
+    """(mean difference, standard error) of a per-response quantity (`key`: "rewards" or "kls")
+    from evaluation `before` to `after` of the same prompts.
 
-    Paired by prompt: each prompt's mean reward over its samples, after minus before; the error is
-    the standard error of those differences over prompts.
+    Paired by prompt: each prompt's mean over its samples, after minus before; the error is the
+    standard error of those differences over prompts.
     """
-    k = before["samples"]
-    b = torch.tensor(before["rewards"]).view(-1, k).mean(1)
-    a = torch.tensor(after["rewards"]).view(-1, after["samples"]).mean(1)
+    b = torch.tensor(before[key]).view(-1, before["samples"]).mean(1)
+    a = torch.tensor(after[key]).view(-1, after["samples"]).mean(1)
     if a.shape != b.shape:
         raise ValueError(f"evaluations of different prompt sets ({len(b)} vs {len(a)} prompts)")
     d = a - b
     return d.mean().item(), (d.std() / math.sqrt(len(d))).item() if len(d) > 1 else 0.0
+
+
+def reward_gain(before: dict, after: dict) -> tuple[float, float]:
+    """(mean gain, standard error) in reward from evaluation `before` to `after`: `paired_difference`."""
+    return paired_difference(before, after, "rewards")
 
 
 def summary_table(initial: dict, results: dict[str, PolicyTrainResult]):
@@ -54,7 +59,7 @@ def summary_table(initial: dict, results: dict[str, PolicyTrainResult]):
         final = res.eval_details[-1]
         gain, se = reward_gain(initial, final)
         rows.append({"method": name, "initial reward": initial["reward_mean"], "final reward": final["reward_mean"],
-                     "gain": gain, "gain s.e.": se, "KL to initial": final["kl"],
+                     "gain": gain, "gain s.e.": se, "KL to initial": final["kl"], "KL s.e.": final.get("kl_se", float("nan")),
                      "response length": final["response_length"], "stopped": final["stop_frac"],
                      "train s": res.wall_s, "eval s": res.eval_s,
                      "sequences": res.extra.get("responses_generated", 2 * res.extra.get("num_pairs", 0)),
@@ -122,6 +127,7 @@ def policy_metrics(initial: dict, results: dict[str, PolicyTrainResult], *, init
         "policy/num_train_prompts": num_train_prompts, "policy/num_eval_prompts": num_eval_prompts,
         "policy/initial/eval_reward_mean": initial["reward_mean"], "policy/initial/eval_reward_se": initial["reward_se"],
         "policy/initial/eval_response_length": initial["response_length"],
+        "policy/initial/eval_stop_frac": initial["stop_frac"],
         "policy/frontier": frontier_frame(results).to_dict("records")}
     if sft is not None:
         tail = sft["losses"][-20:]
@@ -132,7 +138,7 @@ def policy_metrics(initial: dict, results: dict[str, PolicyTrainResult], *, init
         metrics.update({f"policy/{name}/eval_reward_initial": row["initial reward"],
                         f"policy/{name}/eval_reward_final": row["final reward"],
                         f"policy/{name}/eval_reward_gain": row["gain"], f"policy/{name}/eval_reward_gain_se": row["gain s.e."],
-                        f"policy/{name}/eval_kl_final": row["KL to initial"],
+                        f"policy/{name}/eval_kl_final": row["KL to initial"], f"policy/{name}/eval_kl_final_se": row["KL s.e."],
                         f"policy/{name}/eval_response_length_final": row["response length"],
                         f"policy/{name}/eval_stop_frac_final": row["stopped"], f"policy/{name}/train_wall_s": res.wall_s,
                         f"policy/{name}/eval_s": res.eval_s, f"policy/{name}/optimizer_steps": res.extra["optimizer_steps"],
