@@ -182,7 +182,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 def p3o_loss(logprobs_1: torch.Tensor, old_logprobs_1: torch.Tensor, mask_1: torch.Tensor,
              logprobs_2: torch.Tensor, old_logprobs_2: torch.Tensor, mask_2: torch.Tensor,
              reward_diff: torch.Tensor, clip_eps: float = 0.2,
-             variant: str = "joint") -> tuple[torch.Tensor, dict]:
+             variant: str = "ratio") -> tuple[torch.Tensor, dict]:
     """P3O: the pairwise policy gradient over two responses y1, y2 to the same prompt.
 
     The unclipped gradient is (r1 - r2) grad[log pi(y1) - log pi(y2)] / 2: only the reward
@@ -191,8 +191,9 @@ def p3o_loss(logprobs_1: torch.Tensor, old_logprobs_1: torch.Tensor, mask_1: tor
     KL-regularised by the caller (r_i = RM(y_i) - beta KL_i), treated as a constant.
 
     With D = r1 - r2 and clip(x) = clip(x, 1 - eps, 1 + eps):
-    variant "joint" (the paper's joint clipping): one ratio rho = rho_1 / rho_2 for the pair,
-        loss = mean over pairs of max(-D/2 rho, -D/2 clip(rho)).
+    variant "ratio" (the paper's joint clipping as a ratio): one ratio rho = rho_1 / rho_2 for the
+        pair, loss = mean over pairs of max(-D/2 rho, -D/2 clip(rho)). The Starling authors' code
+        clips differently (`p3o_authors_loss`, the trainer's "joint"); on-policy the two agree.
     variant "separate" (separate clipping): each response is a PPO sample with advantage +D/2 or -D/2,
         loss = mean over pairs of max(-D/2 rho_1, -D/2 clip(rho_1)) + max(D/2 rho_2, D/2 clip(rho_2)).
     At rho = 1 both have the gradient of the unclipped pairwise policy gradient above.
@@ -206,17 +207,50 @@ def p3o_loss(logprobs_1: torch.Tensor, old_logprobs_1: torch.Tensor, mask_1: tor
         unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
         return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
 
-    if variant == "joint":
+    if variant == "ratio":
         per_pair, clipped = clipped_objective(seq_lr_1 - seq_lr_2, half)
     elif variant == "separate":
         obj_1, clip_1 = clipped_objective(seq_lr_1, half)
         obj_2, clip_2 = clipped_objective(seq_lr_2, -half)
         per_pair, clipped = obj_1 + obj_2, (clip_1 + clip_2) / 2
     else:
-        raise ValueError(f"variant must be 'joint' or 'separate', got {variant!r}")
+        raise ValueError(f"variant must be 'ratio' or 'separate', got {variant!r}")
     loss = per_pair.mean()
     with torch.no_grad():
         stats = {"clip_frac": clipped.mean(), "seq_log_ratio_mean": (seq_lr_1 + seq_lr_2).mean() / 2}
+    return loss, stats
+
+
+def p3o_authors_loss(logprobs_1: torch.Tensor, old_logprobs_1: torch.Tensor, ref_logprobs_1: torch.Tensor,
+                     mask_1: torch.Tensor, logprobs_2: torch.Tensor, old_logprobs_2: torch.Tensor,
+                     ref_logprobs_2: torch.Tensor, mask_2: torch.Tensor, scores_1: torch.Tensor,
+                     scores_2: torch.Tensor, kl_coef: float, clip_eps: float = 0.2,
+                     ratio_clip: float = 10.0) -> tuple[torch.Tensor, dict]:
+    """P3O as the Starling authors ran it (thwu1/trlx, AccelerateP3OTrainer.p3o_loss, sequence-level).
+
+    With L_i = sum over y_i's tokens of (log pi - log pi_ref) (current policy; `_old` at rollout):
+        D = (s_1 - s_2) - kl_coef (L_1 - L_2)           recomputed every minibatch, held constant
+        w = clip(rho_1 rho_2, 1 / c, c)                   rho_i = pi(y_i) / pi_old(y_i), constant, c = ratio_clip
+        loss = mean over pairs of max(-D w (L_1 - L_2),
+                                      -D w clip(L_1 - L_2, L1_old - L2_old - eps, L1_old - L2_old + eps)) / 2
+    so the clip bounds how far the pair's log-ratio gap moves from the rollout's, rather than
+    clipping the ratio rho_1 / rho_2 (`p3o_loss`'s "ratio" variant). On-policy (w = 1, gap at
+    its rollout value) the gradient is -D/2 grad[log pi(y_1) - log pi(y_2)], the pairwise policy
+    gradient. scores: (B,) the reward model's scores s_i, not KL-penalised (D carries the KL).
+    """
+    seq_1 = ((logprobs_1.float() - ref_logprobs_1.float()) * mask_1).sum(-1)          # (B,) L_1
+    seq_2 = ((logprobs_2.float() - ref_logprobs_2.float()) * mask_2).sum(-1)          # (B,) L_2
+    old_1 = ((old_logprobs_1.float() - ref_logprobs_1.float()) * mask_1).sum(-1)      # (B,) L_1 at rollout
+    old_2 = ((old_logprobs_2.float() - ref_logprobs_2.float()) * mask_2).sum(-1)      # (B,) L_2 at rollout
+    q = (scores_1.float() - scores_2.float() - kl_coef * (seq_1 - seq_2)).detach()    # (B,) D
+    w = torch.exp((seq_1 - old_1) + (seq_2 - old_2)).clamp(1 / ratio_clip, ratio_clip).detach()   # (B,)
+    gap, old_gap = seq_1 - seq_2, old_1 - old_2                                        # (B,)
+    unclipped = -q * w * gap
+    clipped = -q * w * torch.clamp(gap, old_gap - clip_eps, old_gap + clip_eps)
+    loss = torch.maximum(unclipped, clipped).mean() / 2
+    with torch.no_grad():
+        stats = {"clip_frac": (clipped > unclipped).float().mean(),
+                 "seq_log_ratio_mean": ((seq_1 - old_1) + (seq_2 - old_2)).mean() / 2}
     return loss, stats
 
 

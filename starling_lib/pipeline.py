@@ -16,7 +16,9 @@ papermill_runs/README.md for the schema). The runner
   * checks everything before it starts a kernel: the YAML, that listed notebooks exist (an entry
     with `optional: true` is skipped when its notebook doesn't exist yet), that every parameter a
     notebook is given is one it declares in its `parameters` cell, with the declared type, and
-    that no parameter looks like a credential (keys come from environment variables only);
+    that no parameter looks like a credential (keys come from environment variables only), and
+    the values of the parameters that feed a trainer or a loader (`notebook_checks`: `k=1`,
+    `lr=-1`, an unknown method, a missing reward-model folder fail here, in a second);
   * passes a shared parameter only to the notebooks that declare it, and `run_dir` (the run
     folder, absolute) to every notebook;
   * types a `--set key=value` value as the notebook declares the parameter: read as YAML
@@ -62,6 +64,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from starling_lib.notebook_checks import check_notebook
 from starling_lib.runs import (CREDENTIAL_NAME, CREDENTIAL_VALUE, REPO_ROOT, git_commit, parse_setting,
                                read_yaml, split_sets)
 
@@ -273,6 +276,17 @@ def notebook_parameters(path: Path, kernel: str = KERNEL) -> dict[str, dict[str,
         default = ast.unparse(node.value) if node.value is not None else None
         for n in names:
             out[n] = {"type": ann, "default": default, "help": comments.get(node.end_lineno, "")}
+    return out
+
+
+def _declared_defaults(declared: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The parameters cell's defaults that are literals (`steps: int = 30`), as values."""
+    out = {}
+    for name, info in declared.items():
+        try:
+            out[name] = ast.literal_eval(info.get("default") or "")
+        except (ValueError, SyntaxError):
+            pass
     return out
 
 
@@ -556,7 +570,12 @@ def plan_run(config_path: str | os.PathLike, out_dir: str | os.PathLike | None =
                 missing.append(entry.spec)
         else:
             declared = notebook_parameters(entry.path, kernel)
-            steps.append((entry, resolve_parameters(config, entry, declared, placeholder)))
+            params = resolve_parameters(config, entry, declared, placeholder)
+            try:
+                check_notebook(entry.stem, {**_declared_defaults(declared), **params})
+            except ValueError as e:
+                raise PipelineError(f"config {config.path}: notebook {entry.spec}: {e}") from None
+            steps.append((entry, params))
     if missing:
         raise PipelineError(f"config {config.path}: notebook(s) not found: {', '.join(missing)} "
                             f"(paths are relative to {REPO_ROOT}; mark an entry `optional: true` "

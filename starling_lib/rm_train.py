@@ -215,6 +215,7 @@ class RMTrainConfig(TrainConfig):
 
     def __post_init__(self):
         self.check_choices(chat_format=CHAT_FORMATS, loss=tuple(LOSSES))   # and lr_schedule, device, checkpoint_every's output_dir
+        self.check_ranges(max_prompts=(0, True), train_prompts=(0, True), eval_batch_size=(1, True))
         if self.k < 2:
             raise ValueError(f"k must be at least 2 (a ranking needs two answers), got {self.k}")
         if self.batch_size % self.micro_batch_size:

@@ -73,6 +73,28 @@ class TrainConfig:
         if getattr(self, "checkpoint_every", 0) and not getattr(self, "output_dir", ""):
             raise ValueError("checkpoint_every needs an output_dir to write checkpoints to")
 
+    # Numeric fields every trainer shares, and what they must be: (lowest allowed, whether the
+    # lowest is allowed itself). A subclass extends it; a field it lacks is not checked.
+    RANGES: ClassVar[dict[str, tuple[float, bool]]] = {
+        "steps": (1, True), "lr": (0.0, False), "batch_size": (1, True), "micro_batch_size": (1, True),
+        "eval_every": (0, True), "eval_prompts": (0, True), "checkpoint_every": (0, True), "max_length": (1, True),
+        "warmup_steps": (0, True), "max_grad_norm": (0.0, True), "keep_checkpoints": (1, True)}
+
+    def check_ranges(self, **ranges: tuple[float, bool]) -> None:
+        """Raise a ValueError naming the field, its value and what is allowed when a numeric field
+        is out of range (RANGES and `ranges`); `test_fraction`, where a config has it, must lie
+        strictly between 0 and 1."""
+        for name, (low, inclusive) in {**self.RANGES, **ranges}.items():
+            if not hasattr(self, name):
+                continue
+            value = getattr(self, name)
+            if not (value >= low if inclusive else value > low) or value != value:   # NaN fails too
+                raise ValueError(f"{name} must be {'at least' if inclusive else 'greater than'} {low:g}; got {value!r}")
+        fraction = getattr(self, "test_fraction", None)
+        if fraction is not None and not 0 < fraction < 1:
+            raise ValueError(f"test_fraction must lie strictly between 0 and 1 (the share of prompts held out); "
+                             f"got {fraction!r}")
+
     def fingerprint(self) -> dict[str, Any]:
         """The fields that determine the trained weights (what a checkpoint must agree with)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_IN_FINGERPRINT}

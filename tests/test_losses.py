@@ -94,7 +94,7 @@ def test_pairwise_split_hand_computed():
 # --- policy losses ---------------------------------------------------------------------------
 
 from starling_lib.losses import (apa_loss, dpo_loss, gae, kl_penalty, masked_mean, masked_whiten,  # noqa: E402
-                                 p3o_loss, ppo_policy_loss, ppo_value_loss)
+                                 p3o_authors_loss, p3o_loss, ppo_policy_loss, ppo_value_loss)
 
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
 
@@ -185,7 +185,7 @@ def test_ppo_value_loss_hand_computed():
     assert stats["value_clip_frac"].item() == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("variant", ["joint", "separate"])
+@pytest.mark.parametrize("variant", ["ratio", "separate"])
 def test_p3o_unclipped_gradient_is_pairwise_policy_gradient(variant):
     # at rho = 1 the gradient wrt each token log-prob is -(r1 - r2)/2 for y1 and +(r1 - r2)/2 for y2 (per pair, mean over B)
     lp1 = torch.zeros(2, 3, requires_grad=True)
@@ -204,7 +204,7 @@ def test_p3o_clipping_variants_hand_computed():
     lp1, lp2 = torch.log(torch.tensor([[1.5]])), torch.log(torch.tensor([[0.5]]))
     zero = torch.zeros(1, 1)
     diff = torch.tensor([2.0])                                 # D/2 = 1
-    joint, stats = p3o_loss(lp1, zero, one, lp2, zero, one, diff, clip_eps=0.2, variant="joint")
+    joint, stats = p3o_loss(lp1, zero, one, lp2, zero, one, diff, clip_eps=0.2, variant="ratio")
     assert joint.item() == pytest.approx(-1.2, rel=1e-6)       # rho = 3 clipped to 1.2
     assert stats["clip_frac"].item() == 1.0
     sep, _ = p3o_loss(lp1, zero, one, lp2, zero, one, diff, clip_eps=0.2, variant="separate")
@@ -212,6 +212,61 @@ def test_p3o_clipping_variants_hand_computed():
     assert sep.item() == pytest.approx(-1.2 + 0.8, rel=1e-6)
     with pytest.raises(ValueError, match="variant"):
         p3o_loss(lp1, zero, one, lp2, zero, one, diff, variant="both")
+
+
+def test_p3o_authors_form_on_policy_is_the_pairwise_policy_gradient():
+    # policy = rollout policy = reference: L_1 = L_2 = 0, w = 1, D = s_1 - s_2; the gradient wrt each
+    # token log-prob is -D/2 for y_1 and +D/2 for y_2, over the B = 2 pairs
+    lp1 = torch.zeros(2, 3, requires_grad=True)
+    lp2 = torch.zeros(2, 3, requires_grad=True)
+    m1 = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    m2 = torch.ones(2, 3, dtype=torch.bool)
+    zero = torch.zeros(2, 3)
+    s1, s2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 4.0])
+    loss, _ = p3o_authors_loss(lp1, zero, zero, m1, lp2, zero, zero, m2, s1, s2, kl_coef=0.5)
+    loss.backward()
+    diff = s1 - s2
+    assert torch.allclose(lp1.grad, (-diff / 2 / 2).unsqueeze(1) * m1)
+    assert torch.allclose(lp2.grad, (diff / 2 / 2).unsqueeze(1) * m2)
+
+
+def test_p3o_authors_form_hand_computed_after_the_policy_moved():
+    one = torch.ones(1, 1, dtype=torch.bool)
+    zero = torch.zeros(1, 1)
+    # rollout = reference (log-probs 0); now log pi = 0.3 for y_1, -0.1 for y_2: L_1 = 0.3, L_2 = -0.1, gap 0.4.
+    # D = (2 - 1) - 0.5 * 0.4 = 0.8; w = exp(0.3 - 0.1) = 1.2214; the gap is clipped to 0 + 0.2:
+    # max(-0.8 w 0.4, -0.8 w 0.2) / 2 = -0.8 * 1.2214 * 0.2 / 2 = -0.09771, with no gradient (clipped side)
+    lp1 = torch.tensor([[0.3]], requires_grad=True)
+    lp2 = torch.tensor([[-0.1]], requires_grad=True)
+    loss, stats = p3o_authors_loss(lp1, zero, zero, one, lp2, zero, zero, one, torch.tensor([2.0]), torch.tensor([1.0]),
+                                   kl_coef=0.5, clip_eps=0.2)
+    assert loss.item() == pytest.approx(-0.8 * math.exp(0.2) * 0.2 / 2, rel=1e-5)
+    assert stats["clip_frac"].item() == 1.0
+    loss.backward()
+    assert lp1.grad.abs().item() == 0 and lp2.grad.abs().item() == 0
+    # the importance weight rho_1 rho_2 = 5 * 4 = 20 is clipped to c = 10: D = 1 (no KL term),
+    # gap ln(5/4) = 0.223 clipped to 0.2: loss = max(-10 * 0.223, -10 * 0.2) / 2 = -1.0
+    loss, _ = p3o_authors_loss(torch.log(torch.tensor([[5.0]])), zero, zero, one, torch.log(torch.tensor([[4.0]])), zero,
+                               zero, one, torch.tensor([1.0]), torch.tensor([0.0]), kl_coef=0.0, clip_eps=0.2,
+                               ratio_clip=10.0)
+    assert loss.item() == pytest.approx(-1.0, rel=1e-6)
+
+
+def test_p3o_authors_form_differs_from_the_ratio_form_once_the_policy_moves():
+    # the same moved policy as above, unclipped (eps large): the authors' gradient is -D w / 2 on y_1 with D
+    # recomputed from the current KL (0.8) and w = 1.2214; the ratio form's is -(D_rollout / 2) rho = -(1 / 2) 1.2214
+    one = torch.ones(1, 1, dtype=torch.bool)
+    zero = torch.zeros(1, 1)
+    a1 = torch.tensor([[0.3]], requires_grad=True)
+    loss, _ = p3o_authors_loss(a1, zero, zero, one, torch.tensor([[-0.1]]), zero, zero, one, torch.tensor([2.0]),
+                               torch.tensor([1.0]), kl_coef=0.5, clip_eps=10.0)
+    loss.backward()
+    r1 = torch.tensor([[0.3]], requires_grad=True)
+    ratio_loss, _ = p3o_loss(r1, zero, one, torch.tensor([[-0.1]]), zero, one, torch.tensor([1.0]), clip_eps=10.0,
+                             variant="ratio")
+    ratio_loss.backward()
+    assert a1.grad.item() == pytest.approx(-0.8 * math.exp(0.2) / 2, rel=1e-5)
+    assert r1.grad.item() == pytest.approx(-0.5 * math.exp(0.4), rel=1e-5)   # d/dlp1 of -(1/2) exp(lp1 - lp2)
 
 
 def test_dpo_loss_hand_computed():

@@ -254,3 +254,30 @@ def test_kernels_get_text_progress_bars_and_an_inline_backend_and_the_environmen
     with _kernel_env():
         assert "MPLBACKEND" not in os.environ and os.environ["STARLING_PLAIN_PROGRESS"] == "1"
     assert os.environ["MPLBACKEND"] == "Agg" and "STARLING_PLAIN_PROGRESS" not in os.environ
+
+
+# ---- parameter values, checked before any kernel starts (starling_lib/notebook_checks.py) ----
+
+@pytest.mark.parametrize("only, overrides, message", [
+    ("03", {"k": 1}, "notebook .*03_kwise_reward_training.*: k must be at least 2 .*got 1"),
+    ("03", {"lr": -1.0}, "lr must be greater than 0; got -1.0"),
+    ("03", {"steps": 0}, "steps must be at least 1; got 0"),
+    ("03", {"test_fraction": 1.5}, "test_fraction must lie strictly between 0 and 1 .*got 1.5"),
+    ("01", {"test_fraction": 1.5}, "01_nectar_exploration.*test_fraction must lie strictly between 0 and 1"),
+    ("04", {"methods": "apa,foo"}, "methods='apa,foo': unknown method\\(s\\) foo; allowed: apa, ppo, p3o, dpo"),
+    ("04", {"eval_every": 0}, "eval_every must be at least 1 .*got 0"),
+    ("04", {"reward_model": "/nonexistent/rm"}, "reward_model='/nonexistent/rm' is not a folder"),
+    ("04", {"rollouts_per_step": 3, "minibatch_size": 4}, "micro_batch_size <= minibatch_size <= rollouts_per_step"),
+])
+def test_bad_values_are_refused_before_any_kernel_starts(tmp_path, only, overrides, message):
+    from starling_lib.pipeline import REPO_ROOT, plan_run
+    with pytest.raises(PipelineError, match=message):
+        plan_run(REPO_ROOT / "papermill_runs" / "tiny_cpu.yaml", tmp_path / "run", only=only, overrides=overrides)
+    assert not (tmp_path / "run").exists()   # nothing written, nothing run
+
+
+def test_the_shipped_configs_pass_the_value_checks(tmp_path):
+    from starling_lib.pipeline import REPO_ROOT, plan_run
+    for name in ("tiny_cpu.yaml", "demo_cpu.yaml", "full_gpu.yaml"):
+        plan = plan_run(REPO_ROOT / "papermill_runs" / name, tmp_path / name)
+        assert plan.steps, name

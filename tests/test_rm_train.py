@@ -116,6 +116,13 @@ def test_config_validation_and_yaml_coercion(tmp_path):
         RMTrainConfig(batch_size=4, micro_batch_size=3)
     with pytest.raises(ValueError, match="needs an output_dir"):
         RMTrainConfig(checkpoint_every=5)
+    # values out of range name the field, the value and the rule (steps=0 would save an untrained model)
+    for bad, message in [({"steps": 0}, "steps must be at least 1; got 0"), ({"lr": -1e-4}, "lr must be greater than 0"),
+                         ({"lr": float("nan")}, "lr must be greater than 0; got nan"),
+                         ({"test_fraction": 1.5}, "test_fraction must lie strictly between 0 and 1"),
+                         ({"eval_every": -1}, "eval_every must be at least 0"), ({"max_prompts": -5}, "max_prompts")]:
+        with pytest.raises(ValueError, match=message):
+            RMTrainConfig(**bad)
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1e-5\nsteps: 3\nbackbone: tiny\n")      # PyYAML reads 1e-5 as a string
     cfg = load_config(path, ["k=4", "resume=false"])

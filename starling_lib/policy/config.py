@@ -141,7 +141,13 @@ class PolicyTrainConfig(TrainConfig):
     """Per-token KL estimate in the rewards: "k1" (log ratio) or "k3" (non-negative)."""
 
     p3o_variant: str = "joint"
-    """P3O clipping: "joint" (one ratio for the pair) or "separate" (a ratio per response)."""
+    """P3O clipping: "joint", the Starling authors' form (losses.p3o_authors_loss: the pair's
+    log-ratio gap clipped to within clip_eps of the rollout's, weighted by clip(rho_1 rho_2), the
+    KL in the reward difference recomputed each minibatch); "ratio" (the ratio rho_1 / rho_2
+    clipped to 1 -+ clip_eps, the KL fixed at rollout); "separate" (a clipped ratio per response)."""
+
+    p3o_ratio_clip: float = 10.0
+    """P3O "joint": the importance weight rho_1 rho_2 is clipped to [1 / this, this] (the authors' 10)."""
 
     dpo_beta: float = 0.1
     """DPO's beta (method "dpo" only)."""
@@ -197,7 +203,11 @@ class PolicyTrainConfig(TrainConfig):
 
     def __post_init__(self):
         self.check_choices(method=METHODS, kl_estimator=("k1", "k3"), score_norm=("none", "center", "whiten"),
-                           rollout_engine=("auto", "fast", "hf"), p3o_variant=("joint", "separate"))
+                           rollout_engine=("auto", "fast", "hf"), p3o_variant=("joint", "ratio", "separate"))
+        self.check_ranges(rollouts_per_step=(1, True), minibatch_size=(1, True), epochs_per_batch=(1, True),
+                          max_new_tokens=(1, True), max_prompt_tokens=(1, True), eval_samples=(1, True),
+                          eval_batch_size=(1, True), lam=(0.0, False), beta=(0.0, True), clip_eps=(0.0, False),
+                          dpo_beta=(0.0, False), temperature=(0.0, True), p3o_ratio_clip=(1.0, True))
         if not 0 < self.micro_batch_size <= self.minibatch_size <= self.rollouts_per_step:
             raise ValueError(f"need micro_batch_size <= minibatch_size <= rollouts_per_step, got {self.micro_batch_size}, "
                              f"{self.minibatch_size}, {self.rollouts_per_step}")

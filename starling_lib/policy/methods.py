@@ -35,7 +35,16 @@ of 8 rollouts, lr 3e-3; gain in held-out reward per seed 0, 1, 2, s.e. of each a
   +0.14 / -0.02 / +0.11 / +0.21 / +0.13 (mean +0.11): APA learns the bandit as well as PPO does, and whitening is kept;
   with 16 rollouts a step in minibatches of 8 (the test's settings now) all three methods
   clear the test on seeds 0-2: APA +0.18 / +0.17 / +0.12, PPO +0.16 / +0.20 / +0.27;
-- P3O's KL enters as a per-response penalty fixed at rollout time.
+  P3O ("ratio" form) +0.27 / +0.07 / +0.10 under the old settings;
+- P3O ("joint", the default) is the Starling authors' update (thwu1/trlx's P3O trainer,
+  losses.p3o_authors_loss): the reward difference D = (s_1 - s_2) - beta (L_1 - L_2) with the
+  KL L_i recomputed from the current policy every minibatch, the pair's log-ratio gap clipped to
+  within clip_eps of the rollout's, weighted by clip(rho_1 rho_2, 1/10, 10). This project's
+  earlier form, kept as p3o_variant "ratio", clips the ratio rho_1 / rho_2 and fixes the KL at
+  rollout; on-policy the two have the same gradient, after the policy moves they differ
+  (tests/test_losses.py). Measured on the bandit at the test's settings, seeds 0 / 1 / 2:
+  joint +0.11 / +0.19 / +0.19, ratio +0.16 / +0.16 / +0.24 (s.e. 0.04-0.07):
+  indistinguishable. Only tokenwise-off, mean-over-pairs (the authors' defaults) is implemented.
 """
 
 from __future__ import annotations
@@ -45,8 +54,8 @@ from typing import Callable
 
 import torch
 
-from starling_lib.losses import (apa_loss, gae, kl_penalty, masked_mean, masked_whiten, p3o_loss, ppo_policy_loss,
-                                 ppo_value_loss)
+from starling_lib.losses import (apa_loss, gae, kl_penalty, masked_mean, masked_whiten, p3o_authors_loss, p3o_loss,
+                                 ppo_policy_loss, ppo_value_loss)
 from starling_lib.policy.config import PolicyTrainConfig
 from starling_lib.rollout import per_token_rewards
 
@@ -115,6 +124,8 @@ def ppo_minibatch_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tup
 # --------------------------------------------------------------------------------------------
 # P3O (Wu et al. 2023): two responses per prompt; the pairwise clipped objective on the
 # difference of their KL-penalised rewards; no critic. Rows come in pairs, first response first.
+# "joint" (the authors' form) reads the scores and recomputes the KL; "ratio" and "separate"
+# read the reward difference fixed at rollout.
 
 
 def p3o_targets(cfg: PolicyTrainConfig, b: Tensors) -> tuple[Tensors, dict]:
@@ -124,9 +135,14 @@ def p3o_targets(cfg: PolicyTrainConfig, b: Tensors) -> tuple[Tensors, dict]:
 
 
 def p3o_minibatch_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tuple[torch.Tensor, dict]:
-    lp, old, mask = out["logprobs"], mb["old_logprobs"], mb["mask"]
-    loss, stats = p3o_loss(lp[0::2], old[0::2], mask[0::2], lp[1::2], old[1::2], mask[1::2],
-                           mb["reward_diff"][0::2], cfg.clip_eps, cfg.p3o_variant)
+    lp, old, ref, mask = out["logprobs"], mb["old_logprobs"], mb["ref_logprobs"], mb["mask"]
+    if cfg.p3o_variant == "joint":   # the authors' form: the KL in D recomputed from the current policy
+        loss, stats = p3o_authors_loss(lp[0::2], old[0::2], ref[0::2], mask[0::2], lp[1::2], old[1::2], ref[1::2],
+                                       mask[1::2], mb["scores"][0::2], mb["scores"][1::2], cfg.beta, cfg.clip_eps,
+                                       cfg.p3o_ratio_clip)
+    else:
+        loss, stats = p3o_loss(lp[0::2], old[0::2], mask[0::2], lp[1::2], old[1::2], mask[1::2],
+                               mb["reward_diff"][0::2], cfg.clip_eps, cfg.p3o_variant)
     return loss, {"policy_loss": loss.detach(), **stats}
 
 

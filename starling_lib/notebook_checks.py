@@ -1,0 +1,85 @@
+"""Parameter values checked before a notebook's kernel starts.
+
+The pipeline (starling_lib/pipeline.py) checks every notebook's parameters by name and declared
+type; this module checks their values, for the notebooks whose parameters feed a trainer or a
+loader, by building the same config dataclass the notebook will build (validated on construction)
+from the same parameters:
+
+    check_notebook("03_kwise_reward_training", params)    # a ValueError naming parameter, value, rule
+
+So `k=1`, `lr=-1`, `steps=0`, `test_fraction=1.5`, `methods=apa,foo`, `eval_every=0` for notebook
+04 or a reward-model folder that is not there fail in a second, in the runner, rather than
+inside a cell after a kernel has started and a reward model has been trained. A notebook not
+listed here has no value checks beyond its own cells.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from starling_lib.runs import config_from_params
+
+
+def _check_nectar(params: Mapping[str, Any]) -> None:
+    """Notebook 01: the loader's and the split's settings."""
+    if params.get("on_error", "raise") not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip'; got {params['on_error']!r}")
+    for name, low in (("max_prompts", 0), ("min_answers_per_model", 1)):
+        if name in params and params[name] < low:
+            raise ValueError(f"{name} must be at least {low}; got {params[name]!r}")
+    fraction = params.get("test_fraction", 0.1)
+    if not 0 < fraction < 1:
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1 (the share of prompts held out); got {fraction!r}")
+
+
+def _check_reward_model(params: Mapping[str, Any]) -> None:
+    """Notebook 03: its RMTrainConfig, as the notebook builds it."""
+    from starling_lib.rm_train import RMTrainConfig
+
+    config_from_params(RMTrainConfig, params, output_dir="<run_dir>/03_kwise_reward_training")
+    for name in ("baseline_steps", "benchmark_limit"):
+        if name in params and params[name] < 0:
+            raise ValueError(f"{name} must be at least 0 (0 skips it); got {params[name]!r}")
+    if params.get("theory_trials", 1) < 1:
+        raise ValueError(f"theory_trials must be at least 1; got {params['theory_trials']!r}")
+
+
+def _check_policy(params: Mapping[str, Any]) -> None:
+    """Notebook 04: a PolicyTrainConfig per method, the evaluation cadence, a named reward model."""
+    from starling_lib.policy.config import METHODS, PolicyTrainConfig
+
+    methods = [m.strip() for m in str(params.get("methods", "")).split(",") if m.strip()]
+    if not methods:
+        raise ValueError(f"methods must name at least one of {', '.join(METHODS)}; got {params.get('methods')!r}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods={params['methods']!r}: unknown method(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(METHODS)}")
+    if params.get("eval_every", 1) < 1:
+        raise ValueError(f"eval_every must be at least 1 (the methods are compared on the held-out evaluations); "
+                         f"got {params['eval_every']!r}")
+    reward_model = params.get("reward_model", "")
+    if reward_model and not Path(reward_model).is_dir():
+        raise ValueError(f"reward_model={reward_model!r} is not a folder (notebook 03 writes one to "
+                         f"<run_dir>/03_kwise_reward_training/reward_model; \"\" uses this run's)")
+    for method in methods:
+        config_from_params(PolicyTrainConfig, params, method=method, policy="<initial policy>",
+                           reward_model=reward_model or "<notebook 03's>", save_policy=False)
+    for name, low in (("sft_steps", 1), ("rm_fallback_steps", 1)):
+        if name in params and params[name] < low:
+            raise ValueError(f"{name} must be at least {low}; got {params[name]!r}")
+
+
+CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "01_nectar_exploration": _check_nectar,
+    "03_kwise_reward_training": _check_reward_model,
+    "04_policy_tuning": _check_policy,
+}
+
+
+def check_notebook(stem: str, params: Mapping[str, Any]) -> None:
+    """Check the parameter values notebook `stem` will run with; ValueError naming what is wrong."""
+    check = CHECKS.get(stem)
+    if check is not None:
+        check(params)
