@@ -19,3 +19,8 @@ c.ServerApp.allow_root = hasattr(os, "geteuid") and os.geteuid() == 0  # no gete
 # Notebooks are saved without outputs, so working in the lab never dirties notebooks/*.ipynb in
 # git; the outputs stay on screen until the notebook is closed (starling_lib/notebook_format.py).
 c.ContentsManager.pre_save_hook = "starling_lib.notebook_format.pre_save_hook"
+
+# The extension manager's default ("pypi") searches PyPI for lab extensions whenever its panel
+# opens; the project installs its extensions through pyproject.toml, and runs offline, so the lab
+# lists the installed ones and installs nothing itself.
+c.LabApp.extension_manager = "readonly"

@@ -58,6 +58,10 @@ def test_lab_config_installs_the_hook_and_allows_root():
     config = PyFileConfigLoader("jupyter_server_config.py", path=str(REPO / "lab")).load_config()
     assert import_item(config.ContentsManager.pre_save_hook) is pre_save_hook
     assert config.ServerApp.allow_root == (hasattr(os, "geteuid") and os.geteuid() == 0)
+    # a value JupyterLab accepts: the lab starts with it (tests/test_lab_browser.py) and never searches PyPI
+    from jupyterlab.labapp import LabApp
+    assert config.LabApp.extension_manager == "readonly"
+    assert LabApp(extension_manager="readonly").extension_manager == "readonly"
 
 
 def test_set_kernelspec_changes_only_the_kernelspec(tmp_path):
