@@ -20,26 +20,17 @@ and Starling-LM-7B-alpha's, plus the AlpacaEval 2.0 leaderboard.
     seeded random half of the instructions (AlpacaEval randomises the order to cancel position
     bias) and the preference flipped back (p -> 3 - p).
   * `win_rate`: mean(p - 1) x 100, with AlpacaEval's counts, standard error and discrete win rate.
-  * `length_controlled_win_rate`: AlpacaEval's GLM (glm_winrate.py): a logistic regression of the
-    preference (p - 1, a soft label) on tanh(length difference / its std), the instruction
-    difficulty and a model term (no intercept); the LC win rate is the mean predicted preference
-    with the length term set to 0, x 100.
+  * `summarize`: the win rate and AlpacaEval's length-controlled win rate, fitted by the alpaca_eval
+    package's own GLM (starling_lib/length_control.py: length_controlled_v1 when its hub file is
+    at hand, otherwise its length_controlled_minimal, named as such), with alpaca_eval's LC
+    standard error and a bootstrap one.
 
-Departures and simplifications:
-  * instruction difficulty: AlpacaEval uses a per-instruction value fitted once on the annotations
-    of every leaderboard model (instruction_difficulty.csv, downloaded from the hub). It cannot be
-    estimated from one model's annotations (one observation per instruction), so without it we fit
-    AlpacaEval's own `length_controlled_minimal` GLM (length term + model term); pass
-    `instruction_difficulty` (one value per instruction) to fit the full `length_controlled_v1`
-    formula.
-  * no regularisation towards the "gamed" verbose/concise baselines (df_gamed.csv from the hub,
-    weight 0.2/2 in AlpacaEval), i.e. AlpacaEval's `*_noreg` variants.
-  * the fit: an L2 penalty with C = 100 (AlpacaEval's C when it does not cross-validate) instead of
-    L1 with C chosen by 5-fold cross-validation; the likelihood is the same soft-label log-loss.
-  * the length difference is model minus baseline (AlpacaEval: baseline minus model); only the
-    sign of the length coefficient differs.
+Departures:
   * `max_chars` may truncate the outputs shown to a local judge with a short context (the lengths
     in the GLM are always the full outputs' lengths); AlpacaEval never truncates.
+  * `win_rate` is computed here (a mean and its standard error); tests/test_alpaca.py checks it
+    against alpaca_eval's `get_winrate`, which is not called at run time because importing
+    alpaca_eval takes 1.5 s and its win rate logs at INFO on the root logger.
 """
 
 from __future__ import annotations
@@ -47,18 +38,17 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import optimize
-from scipy.special import expit, log_expit
+from scipy.special import expit
 
 from starling_lib import chat
 from starling_lib.data import bundled_path
 from starling_lib.jsonl_cache import JsonlCache, content_hash
+from starling_lib.length_control import GLMS, length_controlled_win_rate
 from starling_lib.llm_client import ChatClient, ClientConfig, RequestError
 from starling_lib.mtbench import LocalJudge, render_judge_prompt, start_reply
 
@@ -299,93 +289,60 @@ def win_rate(preferences: Sequence[float]) -> dict:
             "discrete_win_rate": (wins + draws / 2) / n * 100 if n else float("nan")}
 
 
-@dataclass
-class GLMFit:
-    """The fitted length-controlled GLM."""
-
-    weights: dict          # feature -> coefficient: length (tanh term), instruction_difficulty, model
-    lc_win_rate: float     # mean predicted preference at zero length difference, x 100
-    lc_standard_error: float
-    glm: str               # "length_controlled_v1_noreg" (with difficulty) or "length_controlled_minimal"
+def alpaca_indices(instructions: Sequence[str]) -> list[int] | None:
+    """Each instruction's position among AlpacaEval's 805 (the order of the bundled outputs and of
+    alpaca_eval's data set), or None when any instruction is not one of them."""
+    position = {x: i for i, x in enumerate(load_outputs("gpt4_1106_preview")["instruction"])}
+    found = [position.get(x) for x in instructions]
+    return None if any(i is None for i in found) else found
 
 
-def _fit_soft_logistic(X: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
-    """argmin_w  sum_i -[y_i log s(x_i w) + (1 - y_i) log s(-x_i w)] + l2/2 |w|^2 (no intercept)."""
-    def loss_and_grad(w):
-        z = X @ w
-        loss = -(y * log_expit(z) + (1 - y) * log_expit(-z)).sum() + 0.5 * l2 * w @ w
-        grad = X.T @ (expit(z) - y) + l2 * w
-        return loss, grad
-
-    res = optimize.minimize(loss_and_grad, np.zeros(X.shape[1]), jac=True, method="L-BFGS-B",
-                            options={"maxiter": 1000, "gtol": 1e-10})
-    return res.x
-
-
-def length_controlled_win_rate(preferences: Sequence[float], model_lengths: Sequence[float],
-                               baseline_lengths: Sequence[float], instruction_difficulty: Sequence[float] | None = None,
-                               l2: float = 0.01) -> GLMFit:
-    """AlpacaEval's length-controlled win rate (see the module docstring for the simplifications).
-
-    logit P(model preferred) = w_len * tanh(d / std(d)) [+ w_diff * difficulty] + w_model,
-    d = model length - baseline length (characters), fitted to the soft labels p - 1; then
-    LC = mean_i sigmoid(w_model [+ w_diff * difficulty_i]) x 100, i.e. the length term at 0.
-    l2 = 1/C; 0.01 matches C = 100. Rows with a NaN preference are dropped.
-    """
-    p = np.asarray(preferences, dtype=float)
-    p = np.where(p == 0, 1.5, p)
-    delta = np.asarray(model_lengths, dtype=float) - np.asarray(baseline_lengths, dtype=float)
-    keep = ~np.isnan(p)
-    y, delta = p[keep] - 1, delta[keep]
-    std = delta.std(ddof=1) if len(delta) > 1 else 0.0
-    features = {"length": np.tanh(delta / std) if std > 0 else np.zeros_like(delta)}
-    if instruction_difficulty is not None:
-        features["instruction_difficulty"] = np.asarray(instruction_difficulty, dtype=float)[keep]
-    features["model"] = np.ones_like(delta)
-    X = np.column_stack(list(features.values()))
-    w = _fit_soft_logistic(X, y, l2)
-    X0 = X.copy()
-    X0[:, 0] = 0.0  # no length difference
-    pred = expit(X0 @ w)
-    # AlpacaEval's LC standard error is the spread of the per-instruction predictions; without a
-    # difficulty term they are all equal, and a standard error of 0 would claim a certainty the fit
-    # does not have, so it is left undefined (NaN).
-    spread = instruction_difficulty is not None and len(pred) > 1
-    return GLMFit(weights=dict(zip(features, map(float, w))), lc_win_rate=float(pred.mean() * 100),
-                  lc_standard_error=float(pd.Series(pred).sem() * 100) if spread else float("nan"),
-                  glm="length_controlled_v1_noreg" if instruction_difficulty is not None else "length_controlled_minimal")
-
-
-def summarize(annotations: pd.DataFrame, instruction_difficulty: Sequence[float] | None = None) -> dict:
+def summarize(annotations: pd.DataFrame, *, lc_glm: str = "auto", lc_bootstrap: int = 100, seed: int = 0) -> dict:
     """Win rate, discrete win rate, LC win rate and counts of an `annotate` table: n_total rows
     with a preference, n_failed (requests that failed) and n_unparsable (replies that named
-    neither output; without a `status` column, every row with no preference)."""
+    neither output; without a `status` column, every row with no preference).
+
+    The LC fit (starling_lib.length_control, `lc_glm` and `lc_bootstrap` resamples) gives
+    length_controlled_winrate, lc_standard_error (alpaca_eval's), lc_bootstrap_se, glm (the GLM
+    fitted) and length_weight (the length term's coefficient per unit of tanh(model minus baseline
+    length / its std): > 0 when the judge favours the longer output; alpaca_eval's own sign is the
+    opposite, its difference being baseline minus model).
+    """
     out = win_rate(annotations["preference"])
     if "status" in annotations:
         out.update(n_failed=int((annotations["status"] == "failed").sum()),
                    n_unparsable=int((annotations["status"] == "unparsable").sum()))
     else:
         out.update(n_failed=0, n_unparsable=int(annotations["preference"].isna().sum()))
-    fit = length_controlled_win_rate(annotations["preference"], annotations["output_2"].str.len(),
-                                     annotations["output_1"].str.len(), instruction_difficulty)
-    out.update(length_controlled_winrate=fit.lc_win_rate, lc_standard_error=fit.lc_standard_error, glm=fit.glm,
-               length_weight=fit.weights["length"], avg_length=float(annotations["output_2"].str.len().mean()))
+    index = alpaca_indices(annotations["instruction"]) if "instruction" in annotations else None
+    fit = length_controlled_win_rate(annotations["preference"], annotations["output_2"], annotations["output_1"],
+                                     alpaca_index=index, glm=lc_glm, n_bootstrap=lc_bootstrap, seed=seed)
+    out.update(length_controlled_winrate=fit.lc_win_rate, lc_standard_error=fit.lc_standard_error,
+               lc_bootstrap_se=fit.lc_bootstrap_se, glm=fit.glm, length_weight=0.0 - fit.weights.get("length", np.nan),
+               avg_length=float(annotations["output_2"].str.len().mean()))
     return out
 
 
 def evaluate_outputs(outputs: Mapping[str, Sequence[str]], instructions: Sequence[str],
                      baseline_outputs: Sequence[str], judge, *, cache_path: str | os.PathLike | None = None,
-                     seed: int = 0, max_chars: int = 0, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     seed: int = 0, max_chars: int = 0, progress: bool = True, lc_glm: str = "auto",
+                     lc_bootstrap: int = 100) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Annotate and summarize several models' outputs against one baseline: (annotations, summary).
 
-    annotations: every `annotate` row with a `model` column; summary: one `summarize` row per model.
+    annotations: every `annotate` row with a `model` column; summary: one `summarize` row per model
+    (`lc_glm`, `lc_bootstrap`: its LC fit). The LC settings are checked before anything is judged.
     """
+    if lc_glm not in GLMS:
+        raise ValueError(f"lc_glm must be one of {', '.join(GLMS)}; got {lc_glm!r}")
+    if lc_bootstrap < 0:
+        raise ValueError(f"lc_bootstrap must be at least 0 (0: no bootstrap standard error); got {lc_bootstrap!r}")
     frames, rows = [], []
     for name, model_outputs in outputs.items():
         ann = annotate(instructions, model_outputs, baseline_outputs, judge, model_name=name, cache_path=cache_path,
                        seed=seed, max_chars=max_chars, progress=progress)
         frames.append(ann.assign(model=name))
-        rows.append({"model": name, "judge": judge.id, **summarize(ann)})
+        rows.append({"model": name, "judge": judge.id,
+                     **summarize(ann, lc_glm=lc_glm, lc_bootstrap=lc_bootstrap, seed=seed)})
     return pd.concat(frames, ignore_index=True), pd.DataFrame(rows).set_index("model")
 
 
@@ -393,6 +350,7 @@ def summary_metrics(summary: pd.DataFrame, prefix: str = "eval/alpaca_eval") -> 
     """Flat metrics `{prefix}/{model}/win_rate`, `.../lc_win_rate`, ... of an `evaluate_outputs` summary."""
     names = {"win_rate": "win_rate", "standard_error": "win_rate_se", "discrete_win_rate": "discrete_win_rate",
              "length_controlled_winrate": "lc_win_rate", "lc_standard_error": "lc_win_rate_se",
+             "lc_bootstrap_se": "lc_win_rate_bootstrap_se",
              "n_total": "n_judged", "n_failed": "n_failed", "n_unparsable": "n_unparsable",
              "glm": "lc_glm", "length_weight": "lc_length_weight", "judge": "judge"}
     out = {}
@@ -420,7 +378,10 @@ def comparison_table(summary: pd.DataFrame, published: Sequence[str] = ("Starlin
     Published rows are named "<model> (published)", so a model judged here and on the leaderboard
     appears twice, once per source.
     """
-    ours = summary[["win_rate", "length_controlled_winrate"]].assign(source="this run, judge " + summary["judge"])
+    source = "this run, judge " + summary["judge"]
+    if "glm" in summary:   # the published LC is length_controlled_v1's; say when this run's is not
+        source = source + ", LC by alpaca_eval's " + summary["glm"]
+    ours = summary[["win_rate", "length_controlled_winrate"]].assign(source=source)
     theirs = published_rows(published)[["win_rate", "length_controlled_winrate"]].assign(
         source="published: AlpacaEval 2.0 leaderboard")
     theirs.index = [f"{m} (published)" for m in theirs.index]

@@ -71,10 +71,27 @@ def _check_policy(params: Mapping[str, Any]) -> None:
             raise ValueError(f"{name} must be at least {low}; got {params[name]!r}")
 
 
+def _check_evaluation(params: Mapping[str, Any]) -> None:
+    """Notebook 05: the AlpacaEval settings (the MT-Bench ones are checked as the notebook loads its models)."""
+    from starling_lib.alpaca import BUNDLED_OUTPUTS
+    from starling_lib.length_control import GLMS
+
+    baselines = [b for b in BUNDLED_OUTPUTS if b != "Starling-LM-7B-alpha"]
+    if params.get("alpaca_baseline", baselines[0]) not in baselines:
+        raise ValueError(f"alpaca_baseline must be one of {', '.join(baselines)} (the bundled reference outputs); "
+                         f"got {params['alpaca_baseline']!r}")
+    if params.get("alpaca_lc_glm", "auto") not in GLMS:
+        raise ValueError(f"alpaca_lc_glm must be one of {', '.join(GLMS)}; got {params['alpaca_lc_glm']!r}")
+    for name in ("alpaca_instructions", "alpaca_lc_bootstrap", "alpaca_max_chars"):
+        if params.get(name, 0) < 0:
+            raise ValueError(f"{name} must be at least 0; got {params[name]!r}")
+
+
 CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "01_nectar_exploration": _check_nectar,
     "03_kwise_reward_training": _check_reward_model,
     "04_policy_tuning": _check_policy,
+    "05_mt_bench_evaluation": _check_evaluation,
 }
 
 

@@ -25,8 +25,10 @@ def run(tmp_path_factory):
         # One OpenMP thread: on a 2-core machine shared with other jobs, two threads wait on each other
         # at every one of the tiny model's many small ops and run several times slower.
         mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")   # as on these machines: no hub, so AlpacaEval's minimal LC GLM
         return run_config(REPO_ROOT / "papermill_runs" / "tiny_cpu.yaml", out_dir=out, only=["05"],
-                          progress_bar=False, overrides={"max_new_tokens": 8, "alpaca_instructions": 2})
+                          progress_bar=False, overrides={"max_new_tokens": 8, "alpaca_instructions": 5,
+                                                                      "alpaca_lc_bootstrap": 5})
 
 
 def test_every_model_gets_an_mt_bench_score(run):
@@ -43,7 +45,11 @@ def test_every_model_gets_an_mt_bench_score(run):
     for model in ["Starling-LM-7B-alpha", "tiny", "apa"]:
         assert 0 <= m[f"eval/alpaca_eval/{model}/win_rate"] <= 100
         assert 0 <= m[f"eval/alpaca_eval/{model}/lc_win_rate"] <= 100
-        assert m[f"eval/alpaca_eval/{model}/n_judged"] == 2
+        assert m[f"eval/alpaca_eval/{model}/n_judged"] == 5
+        # offline: alpaca_eval's minimal GLM, whose own LC standard error is 0; the bootstrap one is not
+        assert m[f"eval/alpaca_eval/{model}/lc_glm"] == "length_controlled_minimal"
+        assert m[f"eval/alpaca_eval/{model}/lc_win_rate_se"] == 0
+        assert m[f"eval/alpaca_eval/{model}/lc_win_rate_bootstrap_se"] >= 0
     assert m["params/max_new_tokens"] == 8 and all("/" in k for k in m)
 
 

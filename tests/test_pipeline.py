@@ -268,6 +268,9 @@ def test_kernels_get_text_progress_bars_and_an_inline_backend_and_the_environmen
     ("04", {"eval_every": 0}, "eval_every must be at least 1 .*got 0"),
     ("04", {"reward_model": "/nonexistent/rm"}, "reward_model='/nonexistent/rm' is not a folder"),
     ("04", {"rollouts_per_step": 3, "minibatch_size": 4}, "micro_batch_size <= minibatch_size <= rollouts_per_step"),
+    ("05", {"alpaca_lc_glm": "v2"}, "alpaca_lc_glm must be one of auto, length_controlled_v1, length_controlled_minimal"),
+    ("05", {"alpaca_baseline": "gpt4"}, "alpaca_baseline must be one of gpt4_1106_preview, text_davinci_003"),
+    ("05", {"alpaca_lc_bootstrap": -1}, "alpaca_lc_bootstrap must be at least 0; got -1"),
 ])
 def test_bad_values_are_refused_before_any_kernel_starts(tmp_path, only, overrides, message):
     from starling_lib.pipeline import REPO_ROOT, plan_run
