@@ -220,9 +220,15 @@ def _read_records(source: str) -> tuple[Iterable[tuple[int, int | None, Any]], s
         path = Path(source)
     elif Path(source).suffix in {".jsonl", ".json", ".parquet"}:
         raise FileNotFoundError(f"Nectar file {source!r} does not exist")
-    else:  # a hub id, e.g. berkeley-nest/Nectar (needs network access)
+    else:  # a hub id, e.g. berkeley-nest/Nectar or berkeley-nest/Nectar@<revision> (see starling_lib/hub.py)
         import datasets
-        ds = datasets.load_dataset(source, split="train")
+
+        from starling_lib import hub
+        if hub.parse(source) is None:
+            raise FileNotFoundError(f"Nectar source {source!r} is neither 'bundled', an existing file nor a hub id "
+                                    f"(org/name or org/name@revision)")
+        folder = hub.snapshot(source, "dataset")
+        ds = datasets.load_dataset(str(folder), split="train")   # the splits the data set's card declares
         return ((i, None, rec) for i, rec in enumerate(ds)), f"hub:{source}"
 
     if path.suffix == ".parquet":
@@ -282,8 +288,10 @@ def load_nectar(source: str = "bundled", on_error: str = "raise", limit: int | N
     """Load Nectar as a `datasets.Dataset`, validating every record.
 
     source:   "bundled" (the 397-record sample shipped with the package), a hub id such as
-              "berkeley-nest/Nectar" (downloaded through `datasets.load_dataset`), or a local
-              .jsonl / .json / .parquet path.
+              "berkeley-nest/Nectar", optionally at a revision ("berkeley-nest/Nectar@<commit>";
+              fetched by `hub.snapshot`, then read by `datasets.load_dataset` from the local
+              folder, so a cached copy serves HF_HUB_OFFLINE=1), or a local .jsonl / .json /
+              .parquet path.
     on_error: "raise" stops at the first malformed record with an error naming the file, the
               record's 0-based index (and its 1-based line in a .jsonl) and the problem; "skip"
               drops malformed records (and only them), counts them per reason and warns with

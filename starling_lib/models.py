@@ -330,7 +330,8 @@ def resolve_model(name_or_path: str, **tiny_overrides) -> str:
 def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | str | None = None,
                              device: torch.device | str | None = None, seed: int = 0,
                              **tiny_overrides):
-    """Load `(model, tokenizer)` from a hub id, a local folder, "tiny" or a packaged model's short name
+    """Load `(model, tokenizer)` from a hub id ("org/name", or "org/name@revision" for a branch, tag or
+    commit; see starling_lib/hub.py), a local folder, "tiny" or a packaged model's short name
     ("smollm2-135m", see PACKAGED_MODELS).
 
     dtype: None means bf16 on a CUDA device that supports it, else float32.
@@ -353,11 +354,12 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | str | No
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)  # "bfloat16", as written in a papermill yaml
 
-    tokenizer = setup_tokenizer(AutoTokenizer.from_pretrained(name_or_path))
-
-    # device_map loads the weights straight onto the device instead of through CPU RAM (7B in bf16
-    # is 14 GB); a single device keeps it an ordinary model, not a dispatched/offloaded one.
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, device_map=device)
+    source, revision, errors = hub_source(name_or_path)
+    with errors:
+        tokenizer = setup_tokenizer(AutoTokenizer.from_pretrained(source, revision=revision))
+        # device_map loads the weights straight onto the device instead of through CPU RAM (7B in bf16
+        # is 14 GB); a single device keeps it an ordinary model, not a dispatched/offloaded one.
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, device_map=device)
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate()'s warning
     return model, tokenizer
@@ -412,7 +414,20 @@ def load_tokenizer(name_or_path: str):
     """The tokenizer of a hub id or folder ("tiny", a packaged model), set up as `load_model_and_tokenizer` does."""
     from transformers import AutoTokenizer
 
-    return setup_tokenizer(AutoTokenizer.from_pretrained(resolve_model(name_or_path)))
+    source, revision, errors = hub_source(resolve_model(name_or_path))
+    with errors:
+        return setup_tokenizer(AutoTokenizer.from_pretrained(source, revision=revision))
+
+
+def hub_source(name_or_path: str):
+    """(what from_pretrained loads, its revision, a context that explains hub failures): a hub spec
+    "org/name@revision" is split (starling_lib/hub.py); a folder passes as it is."""
+    from starling_lib import hub
+
+    spec = hub.parse(name_or_path)
+    if spec is None:
+        return name_or_path, None, contextlib.nullcontext()
+    return spec.repo_id, spec.revision, hub.hub_errors(spec, "model")
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

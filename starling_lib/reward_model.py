@@ -32,8 +32,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from starling_lib.models import (PACKAGED_MODELS, apply_chat_format, decoder_layers, load_tokenizer, quiet_transformers,
-                                 resolve_model, top_layers_from, train_top_layers, trunk_output)
+from starling_lib.models import (PACKAGED_MODELS, apply_chat_format, decoder_layers, hub_source, load_tokenizer,
+                                 quiet_transformers, resolve_model, top_layers_from, train_top_layers, trunk_output)
 from starling_lib.rm_layout import chat_texts, encode_chats, pad_right, truncate_keep_end
 
 
@@ -290,8 +290,10 @@ def build_reward_model(backbone: str = "tiny", *, max_length: int = 1024, unfroz
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or torch.float32
+    source, revision, hub_errors = hub_source(path)   # a hub id may name a revision: org/name@rev
     try:
-        config = AutoConfig.from_pretrained(path)
+        with hub_errors:
+            config = AutoConfig.from_pretrained(source, revision=revision)
     except OSError as e:
         raise OSError(f"cannot load backbone {backbone!r} ({path}): {e}") from e
     tokenizer = apply_chat_format(load_tokenizer(path), chat_format)
@@ -299,10 +301,11 @@ def build_reward_model(backbone: str = "tiny", *, max_length: int = 1024, unfroz
     with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.manual_seed(seed)  # the new head's initialisation, without touching the caller's RNG
         if is_classifier:
-            seqcls = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+            seqcls = AutoModelForSequenceClassification.from_pretrained(source, revision=revision, num_labels=1,
+                                                                        dtype=dtype)
             model = RewardModel.from_sequence_classifier(seqcls, tokenizer, max_length, backbone)
         else:
-            body = AutoModel.from_pretrained(path, dtype=dtype)
+            body = AutoModel.from_pretrained(source, revision=revision, dtype=dtype)
             hidden = body.config.get_text_config().hidden_size
             head = nn.Linear(hidden, 1, bias=False, dtype=dtype)
             nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
