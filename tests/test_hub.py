@@ -149,3 +149,24 @@ def test_parse_tells_hub_ids_from_paths_and_names(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)
         assert hub.parse("org/name") is None   # an existing local folder is a folder
+
+
+@pytest.mark.slow
+def test_notebook_01_runs_on_nectar_by_hub_id(tmp_path, monkeypatch):
+    """The papermill path: notebook 01 with nectar_source set to the hub id, the kernel offline
+    with only the local cache (a child process: huggingface_hub reads these variables at import)."""
+    from starling_lib.pipeline import REPO_ROOT, run_config
+
+    cache = tmp_path / "hub"
+    rows = _nectar_parquet(tmp_path / "rlaif.parquet", 397)   # the whole bundled sample, as the hub's parquet
+    _put(cache, "berkeley-nest/Nectar", {"README.md": NECTAR_CARD, "data/rlaif.parquet": tmp_path / "rlaif.parquet"},
+         "dataset")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    run = run_config(REPO_ROOT / "papermill_runs" / "tiny_cpu.yaml", out_dir=tmp_path / "run", only=["01"],
+                     progress_bar=False, overrides={"nectar_source": "berkeley-nest/Nectar"})
+    m = json.loads((run / "01_nectar_exploration" / "metrics.json").read_text())
+    assert m["params/nectar_source"] == "berkeley-nest/Nectar"
+    assert m["nectar/num_prompts"] == len(rows) == 397 and m["nectar/num_records_dropped"] == 0
+    assert m["nectar/num_answers"] == 2779
