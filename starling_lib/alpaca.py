@@ -35,6 +35,7 @@ Departures:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -289,10 +290,16 @@ def win_rate(preferences: Sequence[float]) -> dict:
             "discrete_win_rate": (wins + draws / 2) / n * 100 if n else float("nan")}
 
 
+@functools.lru_cache(maxsize=1)
+def _alpaca_positions() -> dict[str, int]:
+    """instruction -> its position among AlpacaEval's 805, read once (every summarized model asks)."""
+    return {x: i for i, x in enumerate(load_outputs("gpt4_1106_preview")["instruction"])}
+
+
 def alpaca_indices(instructions: Sequence[str]) -> list[int] | None:
     """Each instruction's position among AlpacaEval's 805 (the order of the bundled outputs and of
     alpaca_eval's data set), or None when any instruction is not one of them."""
-    position = {x: i for i, x in enumerate(load_outputs("gpt4_1106_preview")["instruction"])}
+    position = _alpaca_positions()
     found = [position.get(x) for x in instructions]
     return None if any(i is None for i in found) else found
 

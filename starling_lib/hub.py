@@ -11,7 +11,8 @@ huggingface_hub, so its settings hold: `HF_TOKEN` (or `hf auth login`) for gated
     in its own cache of prepared data sets, never in the hub cache, so a data set downloaded by
     `hf download` or on another machine would not be found.
   * models: `transformers.from_pretrained(repo_id, revision=...)`, which picks the weight files
-    it needs; `hub_errors` turns its failures into one message.
+    it needs; `pretrained_source` splits the spec for it and `hub_errors` turns its failures into
+    one message.
 
 Errors (`HubError`) say what to do: a gated or private repository names `hf auth login` / `HF_TOKEN`
 and the page where access is asked for; a repository or revision that does not exist names it;
@@ -87,6 +88,15 @@ def hub_errors(spec: HubSpec, repo_type: str = "model") -> Iterator[None]:
                            f"does not hold {'this revision' if spec.revision else 'it'}; download it where the hub "
                            f"is reachable (`{command}`) or unset HF_HUB_OFFLINE") from e
         raise
+
+
+def pretrained_source(name_or_path: str):
+    """(what from_pretrained loads, its revision, a context that explains hub failures): a hub spec
+    "org/name@revision" is split; a folder passes as it is, with no context to speak of."""
+    spec = parse(name_or_path)
+    if spec is None:
+        return name_or_path, None, contextlib.nullcontext()
+    return spec.repo_id, spec.revision, hub_errors(spec, "model")
 
 
 def snapshot(spec: HubSpec | str, repo_type: str = "dataset") -> Path:

@@ -58,9 +58,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -157,13 +159,17 @@ def _fit(g, df: pd.DataFrame, glm: str, gamed: pd.DataFrame | None) -> tuple[np.
     return model.predict_proba(X_test)[:, 1], weights
 
 
-def _official_v1(g, preference, output_1, output_2, alpaca_index) -> tuple[np.ndarray, float]:
-    """alpaca_eval's `get_length_controlled_winrate` with its v1 GLM: (per-instruction predictions, LC)."""
+def _official_v1(g, preference, output_1, output_2, alpaca_index) -> tuple[np.ndarray, dict, float]:
+    """alpaca_eval's `get_length_controlled_winrate` with its v1 GLM: (per-instruction predictions,
+    weights, LC). The weights are not returned, only saved: they are read back from a temporary folder."""
     annotations = pd.DataFrame({"preference": preference, "output_1": list(output_1), "output_2": list(output_2),
                                 "index": alpaca_index, "generator_1": "baseline", "generator_2": "model"})
-    out = g.get_length_controlled_winrate(annotations, glm_name="length_controlled_v1", save_weights_dir=None,
-                                          is_warn_extreme_changes=False)
-    return annotations["glm_preference"].to_numpy(), float(out["length_controlled_winrate"])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = g.get_length_controlled_winrate(annotations, glm_name="length_controlled_v1", save_weights_dir=tmp,
+                                              is_warn_extreme_changes=False)
+        saved = pd.read_csv(Path(tmp) / "length_controlled_v1" / "baseline_baseline.csv", index_col=0).loc["model"]
+    weights = {TERMS.get(k, k): float(v) for k, v in saved.items()}
+    return annotations["glm_preference"].to_numpy(), weights, float(out["length_controlled_winrate"])
 
 
 def length_controlled_win_rate(preferences: Sequence[float], model_outputs: Sequence[str],
@@ -207,12 +213,13 @@ def length_controlled_win_rate(preferences: Sequence[float], model_outputs: Sequ
 
     with glm_module() as g, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)   # counted below, and said once
-        # the weights through the mirror (alpaca_eval's function does not return them); for v1 the
-        # estimate itself is alpaca_eval's function's (the tests check the two agree)
-        pred, weights = _fit(g, _features(preference, len_1, len_2, index, gamed), name, gamed)
-        lc = float(pred.mean() * 100)
+        # v1: alpaca_eval's function itself; minimal: its formula and fitter on the mirrored
+        # featurisation, as are the bootstrap refits (the tests check the mirror against the function)
         if name == "length_controlled_v1":
-            pred, lc = _official_v1(g, preference, baseline_outputs, model_outputs, index)
+            pred, weights, lc = _official_v1(g, preference, baseline_outputs, model_outputs, index)
+        else:
+            pred, weights = _fit(g, _features(preference, len_1, len_2, index, gamed), name, gamed)
+            lc = float(pred.mean() * 100)
         rng = np.random.default_rng(seed)
         boot = []
         for _ in range(n_bootstrap):

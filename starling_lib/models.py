@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from starling_lib import hub
 from starling_lib.data import BOS_TOKEN, END_OF_TURN, OPENCHAT_TEMPLATE, bundled_path
 from starling_lib.runs import build_atomically, cache_dir
 
@@ -354,7 +355,7 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | str | No
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)  # "bfloat16", as written in a papermill yaml
 
-    source, revision, errors = hub_source(name_or_path)
+    source, revision, errors = hub.pretrained_source(name_or_path)
     with errors:
         tokenizer = setup_tokenizer(AutoTokenizer.from_pretrained(source, revision=revision))
         # device_map loads the weights straight onto the device instead of through CPU RAM (7B in bf16
@@ -414,20 +415,9 @@ def load_tokenizer(name_or_path: str):
     """The tokenizer of a hub id or folder ("tiny", a packaged model), set up as `load_model_and_tokenizer` does."""
     from transformers import AutoTokenizer
 
-    source, revision, errors = hub_source(resolve_model(name_or_path))
+    source, revision, errors = hub.pretrained_source(resolve_model(name_or_path))
     with errors:
         return setup_tokenizer(AutoTokenizer.from_pretrained(source, revision=revision))
-
-
-def hub_source(name_or_path: str):
-    """(what from_pretrained loads, its revision, a context that explains hub failures): a hub spec
-    "org/name@revision" is split (starling_lib/hub.py); a folder passes as it is."""
-    from starling_lib import hub
-
-    spec = hub.parse(name_or_path)
-    if spec is None:
-        return name_or_path, None, contextlib.nullcontext()
-    return spec.repo_id, spec.revision, hub.hub_errors(spec, "model")
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

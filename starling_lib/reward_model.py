@@ -32,7 +32,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from starling_lib.models import (PACKAGED_MODELS, apply_chat_format, decoder_layers, hub_source, load_tokenizer,
+from starling_lib import hub
+from starling_lib.models import (PACKAGED_MODELS, apply_chat_format, decoder_layers, load_tokenizer,
                                  quiet_transformers, resolve_model, top_layers_from, train_top_layers, trunk_output)
 from starling_lib.rm_layout import chat_texts, encode_chats, pad_right, truncate_keep_end
 
@@ -290,7 +291,7 @@ def build_reward_model(backbone: str = "tiny", *, max_length: int = 1024, unfroz
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or torch.float32
-    source, revision, hub_errors = hub_source(path)   # a hub id may name a revision: org/name@rev
+    source, revision, hub_errors = hub.pretrained_source(path)   # a hub id may name a revision: org/name@rev
     try:
         with hub_errors:
             config = AutoConfig.from_pretrained(source, revision=revision)
