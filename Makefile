@@ -9,7 +9,8 @@ CONFIG ?= papermill_runs/demo_cpu.yaml
 PYTEST_ARGS ?=
 
 # The embedded default never touches a hub; fail fast rather than hang if something tries.
-OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# (MODELSCOPE_OFFLINE is starling_lib.hub's: modelscope has no offline variable of its own.)
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODELSCOPE_OFFLINE=1
 export TOKENIZERS_PARALLELISM ?= false
 # OpenMP threads that spin while waiting stall badly when anything else shares the cores (a laptop,
 # a busy CI box): with passive waiting notebook 03 took 2-3 min instead of 10 on a loaded 2-core machine.

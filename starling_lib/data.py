@@ -5,9 +5,9 @@ models ranked 1 (best) to 7 by GPT-4. A record:
 
     prompt:        str, "\\n\\nHuman: ...\\n\\nAssistant: " repeated per turn, ending with an open
                    "Assistant:"
-    answers:       list of {answer: str, model: str, rank: float}
+    answers:       list of {answer: str, model: str, rank: float} (the card says int; integral either way)
     turns:         int, number of human turns
-    num_responses: int, len(answers)
+    num_responses: int, len(answers) (the dataset card calls it num_response; see NECTAR_CARD_DIFFERENCES)
     source:        list[str] or None, the prompt datasets the prompt came from
     good_natured:  bool or None, GPT-4's flag that the conversation is not harmful
 
@@ -83,7 +83,7 @@ REASONS = {
     "bad_rank": "rank missing or not a number",
     "duplicate_ranks": "two answers share a rank",
     "ranks_not_1_to_k": "ranks are not exactly 1..K",
-    "num_responses_mismatch": "num_responses disagrees with the number of answers",
+    "num_responses_mismatch": "num_responses (or the card's num_response) disagrees with the number of answers",
     "bad_source": "source is not a string or a list of strings",
 }
 
@@ -164,9 +164,10 @@ def check_record(rec: Any, index: int) -> None:
     k = len(answers)
     if sorted(ranks) != list(range(1, k + 1)):
         raise NectarFormatError(index, "ranks_not_1_to_k", f"ranks {sorted(ranks)} for K={k}")
-    n = rec.get("num_responses")
-    if n is not None and n != k:
-        raise NectarFormatError(index, "num_responses_mismatch", f"num_responses={n!r}, answers={k}")
+    for name in ("num_responses", "num_response"):   # the released parquet's name, the card's (NECTAR_CARD_DIFFERENCES)
+        n = rec.get(name)
+        if n is not None and n != k:
+            raise NectarFormatError(index, "num_responses_mismatch", f"{name}={n!r}, answers={k}")
     source = rec.get("source")
     if source is not None and not isinstance(source, str):
         if not isinstance(source, list) or not all(isinstance(x, str) for x in source):
@@ -226,7 +227,7 @@ def _read_records(source: str) -> tuple[Iterable[tuple[int, int | None, Any]], s
         from starling_lib import hub
         if hub.parse(source) is None:
             raise FileNotFoundError(f"Nectar source {source!r} is neither 'bundled', an existing file nor a hub id "
-                                    f"(org/name or org/name@revision)")
+                                    f"(org/name or org/name@revision; modelscope:org/name for ModelScope)")
         folder = hub.snapshot(source, "dataset")
         ds = datasets.load_dataset(str(folder), split="train")   # the splits the data set's card declares
         return ((i, None, rec) for i, rec in enumerate(ds)), f"hub:{source}"
@@ -290,8 +291,9 @@ def load_nectar(source: str = "bundled", on_error: str = "raise", limit: int | N
     source:   "bundled" (the 397-record sample shipped with the package), a hub id such as
               "berkeley-nest/Nectar", optionally at a revision ("berkeley-nest/Nectar@<commit>";
               fetched by `hub.snapshot`, then read by `datasets.load_dataset` from the local
-              folder, so a cached copy serves HF_HUB_OFFLINE=1), or a local .jsonl / .json /
-              .parquet path.
+              folder, so a cached copy serves HF_HUB_OFFLINE=1), a ModelScope id behind
+              "modelscope:" (the same, through ModelScope's cache; MODELSCOPE_OFFLINE=1), or a
+              local .jsonl / .json / .parquet path.
     on_error: "raise" stops at the first malformed record with an error naming the file, the
               record's 0-based index (and its 1-based line in a .jsonl) and the problem; "skip"
               drops malformed records (and only them), counts them per reason and warns with
@@ -332,6 +334,37 @@ def load_nectar(source: str = "bundled", on_error: str = "raise", limit: int | N
         raise ValueError(f"no valid Nectar records in {where}\n{report}")
     ds = datasets.Dataset.from_list(kept, features=NECTAR_FEATURES())
     return (ds, report) if return_report else ds
+
+
+# The schema berkeley-nest/Nectar's dataset card declares ("Schema:" in its README.md at commit 3c6b4c4),
+# field for field, its types written as Python types ([x]: a list of x).
+NECTAR_CARD_SOURCE = ("https://huggingface.co/datasets/berkeley-nest/Nectar/blob/"
+                      "3c6b4c47fa1cc38869f9f32dce1699f7abad8b06/README.md")
+NECTAR_CARD_SCHEMA = {
+    "prompt": str,
+    "answers": [{"answer": str, "model": str, "rank": int}],
+    "turns": int,
+    "num_response": int,
+    "source": [str],
+    "good_natured": bool,
+}
+# The card's name -> the column's name in the released parquet, the bundled sample and NECTAR_FEATURES.
+NECTAR_CARD_RENAMES = {"num_response": "num_responses"}
+# Where the card and the data differ, and how the loader handles each (tests/test_nectar_schema.py
+# checks that these are all the differences there are). The released parquet's own schema is the
+# sample's, not the card's: rank float64, num_responses int64, as `datasets` recorded it preparing
+# berkeley-nest/Nectar@4879f7a:data/rlaif.parquet (huggingface.co/datasets/evanfrick/random_pre,
+# train/dataset_info.json, a Nectar author's repository).
+NECTAR_CARD_DIFFERENCES = {
+    "num_response": "the card's name for the answer count; the parquet's column, the sample's and the "
+                    "Dataset's is num_responses. A record may carry either (or both): each is checked "
+                    "against len(answers) (num_responses_mismatch), and the Dataset has num_responses",
+    "answers[].rank": "the card says int; the parquet and the sample store floats with integral values "
+                      "(1.0 ... 7.0). Either is accepted when the ranks are exactly 1..K; the Dataset "
+                      "stores float64",
+    "source": "the card says list[str]; the sample has null where a prompt's source is unknown (299 of "
+              "397 records). A record may carry a list, one string (kept as a one-element list) or null",
+}
 
 
 def NECTAR_FEATURES():

@@ -332,8 +332,8 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | str | No
                              device: torch.device | str | None = None, seed: int = 0,
                              **tiny_overrides):
     """Load `(model, tokenizer)` from a hub id ("org/name", or "org/name@revision" for a branch, tag or
-    commit; see starling_lib/hub.py), a local folder, "tiny" or a packaged model's short name
-    ("smollm2-135m", see PACKAGED_MODELS).
+    commit; "modelscope:org/name[@revision]" for ModelScope; see starling_lib/hub.py), a local folder,
+    "tiny" or a packaged model's short name ("smollm2-135m", see PACKAGED_MODELS).
 
     dtype: None means bf16 on a CUDA device that supports it, else float32.
     device: None means `default_device()`.

@@ -6,60 +6,18 @@ with `refs/<branch>` holding a commit and `snapshots/<commit>/` holding the file
 models, tokenizers and Nectar there by hub id and revision, and say what to do when they cannot.
 """
 
-import hashlib
 import json
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from hub_caches import NECTAR_CARD, hf_cache  # noqa: F401  (hf_cache: a fixture)
+from hub_caches import nectar_parquet as _nectar_parquet
+from hub_caches import put_hf as _put
 
 from starling_lib import hub
-from starling_lib.data import bundled_path, load_nectar
+from starling_lib.data import load_nectar
 from starling_lib.models import load_model_and_tokenizer, load_tokenizer, tiny_model_path
-
-# The real Nectar's card declares its one split this way (berkeley-nest/Nectar, README.md).
-NECTAR_CARD = '---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: "data/rlaif.parquet"\n---\n# Nectar\n'
-
-
-def _put(cache: Path, repo_id: str, files: dict, repo_type: str, branch: str | None = "main") -> str:
-    """Write `files` (name -> source path or text) as one snapshot of `repo_id`; point `branch` at it."""
-    root = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(f"{repo_id}:{sorted(files)}:{branch}:{len(list(root.glob('snapshots/*')))}".encode()).hexdigest()
-    snap = root / "snapshots" / commit
-    for name, src in files.items():
-        (snap / name).parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(src, Path):
-            shutil.copy(src, snap / name)
-        else:
-            (snap / name).write_text(src)
-    if branch:
-        (root / "refs").mkdir(parents=True, exist_ok=True)
-        (root / "refs" / branch).write_text(commit)
-    return commit
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """An empty hub cache, offline; datasets' own cache in tmp_path too."""
-    import datasets
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    return cache
-
-
-def _nectar_parquet(path: Path, n: int) -> list[dict]:
-    rows = [json.loads(line) for line in bundled_path("nectar_sample.jsonl").read_text().splitlines()[:n]]
-    for r in rows:
-        r.pop("_provenance", None)
-    pd.DataFrame(rows).to_parquet(path)
-    return rows
 
 
 def test_nectar_by_hub_id_and_revision_from_the_cache(hf_cache, tmp_path):
@@ -139,8 +97,8 @@ def test_refused_access_says_how_to_log_in(monkeypatch):
 
 
 def test_parse_tells_hub_ids_from_paths_and_names(tmp_path):
-    assert hub.parse("berkeley-nest/Nectar") == ("berkeley-nest/Nectar", None)
-    assert hub.parse("openchat/openchat_3.5@v1.0") == ("openchat/openchat_3.5", "v1.0")
+    assert hub.parse("berkeley-nest/Nectar") == ("berkeley-nest/Nectar", None, "huggingface")
+    assert hub.parse("openchat/openchat_3.5@v1.0") == ("openchat/openchat_3.5", "v1.0", "huggingface")
     assert str(hub.parse("a/b@main")) == "a/b@main"
     for not_an_id in ("tiny", "smollm2-135m", "nectar.jsonl", "/abs/path", "a/b/c", "a/b@", "a/b@c@d", "bundled"):
         assert hub.parse(not_an_id) is None, not_an_id
