@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,7 +28,12 @@ def machine() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
     else:
         info["gpu"] = None
-        info["cpu"] = _cpu_model() or platform.processor() or platform.machine()
+    # The CPU matters on both: a figure measured on one CPU does not hold on another (issue 22:
+    # the sampler's 2.1x on an Intel Xeon was 1.6x on an AVX2 AMD EPYC), so every result names it.
+    info["cpu"] = _cpu_model() or platform.processor() or platform.machine()
+    info["cpu_flags"] = _cpu_flags()
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()   # the kernels torch dispatches to
+    info["blas"] = _blas()
     # OpenMP's wait policy changes small-op CPU timings by up to 2x (benchmarks/rollout.py)
     info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     try:
@@ -45,6 +51,35 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+# The instruction-set extensions that decide which CPU kernels run (MKL/oneDNN pick theirs from them).
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon", "asimd", "sve")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                present = set(line.split(":", 1)[1].split())
+                return [f for f in _FLAGS if f in present]
+    except OSError:
+        pass
+    return []
+
+
+def _blas() -> str:
+    """The BLAS torch's CPU matrix products go through (MKL, OpenBLAS, ...), from its build config."""
+    found = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    return found.group(1) if found else "unknown"
+
+
+def machine_label(info: dict | None = None) -> str:
+    """One line naming the machine, for a table's caption: 'AMD EPYC [avx2 avx512f avx512_bf16], 2 threads, mkl'."""
+    info = info or machine()
+    where = info["gpu"] or info["cpu"]
+    flags = " ".join(f for f in info.get("cpu_flags", []) if f not in ("fma", "amx_tile"))
+    return f"{where} [{flags}], torch {info['torch']}, {info['torch_threads']} threads, {info.get('blas', '?')}"
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
@@ -67,7 +102,7 @@ def report(name: str, rows: list[dict], notes: str = "") -> Path:
     """Print rows as a Markdown table and save them with the machine to results/<name>.json."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    print(f"\n### {name}\n")
+    print(f"\n### {name}\n\n{machine_label()}\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -59,6 +59,28 @@ def make_vllm(args, tok, enc, n):
     return run
 
 
+# What a decoding step's CPU time is spent on, by operator (torch.profiler's self time): the
+# matrix products are the same work for every engine (the model's weights times the same
+# activations), so their share bounds what any engine can gain over another.
+CATEGORIES = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+              "attention": ("aten::_scaled_dot_product", "aten::_softmax")}
+
+
+def breakdown(fn) -> dict[str, float]:
+    """Seconds of one run of `fn` by category (matmul, attention, the rest), from the profiler's
+    self CPU time, scaled to the run's wall time (the profiler's own overhead is spread evenly)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = timeit(fn, repeat=1, warmup=0)
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values()) or 1.0
+    shares = {name: sum(us for key, us in self_us.items() if key.startswith(prefixes)) / total
+              for name, prefixes in CATEGORIES.items()}
+    shares["other"] = 1.0 - sum(shares.values())
+    return {f"{name}_s": share * t for name, share in shares.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8, help="prompts sampled at once")
@@ -120,22 +142,37 @@ def main(argv=None) -> None:
             for name, fn in engines.items():
                 if name not in errors:
                     times[name].append(timeit(fn, repeat=1, warmup=0))
+        split = {name: breakdown(fn) for name, fn in engines.items() if name not in errors and name != "vllm"}
     rows = []
     for name in engines:
         if name in errors:
             rows.append({"engine": name, "error": errors[name]})
         else:
             s = statistics.median(times[name])
+            # the profiled run's split, scaled to the median run
+            parts = {k: v * s / sum(split[name].values()) for k, v in split.get(name, {}).items()}
             rows.append({"engine": name, "s_per_batch": s, "tokens_per_s": args.batch * n / s,
-                         "min_s": min(times[name]), "max_s": max(times[name])})
+                         "min_s": min(times[name]), "max_s": max(times[name]), **parts})
     base = next((r for r in rows if r["engine"] == "hf-generate" and "tokens_per_s" in r), None)
     for r in rows:
         if base and "tokens_per_s" in r:
             r["speed-up vs generate"] = r["tokens_per_s"] / base["tokens_per_s"]
+    ours = next((r for r in rows if r["engine"] == "starling-sampler" and "matmul_s" in r), None)
+    ceiling = ""
+    if base and ours and "matmul_s" in base:
+        bound = base["s_per_batch"] / ours["matmul_s"]
+        ceiling = (f"Where the time goes (profiler self time, scaled to the median run): the matrix products take "
+                   f"{ours['matmul_s']:.3f} s of the sampler's {ours['s_per_batch']:.3f} s "
+                   f"({ours['matmul_s'] / ours['s_per_batch']:.0%}) and {base['matmul_s']:.3f} s of generate's "
+                   f"{base['s_per_batch']:.3f} s; the rest is {ours['s_per_batch'] - ours['matmul_s']:.3f} s against "
+                   f"{base['s_per_batch'] - base['matmul_s']:.3f} s "
+                   f"({(base['s_per_batch'] - base['matmul_s']) / max(ours['s_per_batch'] - ours['matmul_s'], 1e-9):.1f}x "
+                   f"less). With everything but the matrix products free, the sampler could be at most {bound:.2f}x "
+                   f"generate on this machine. ")
     notes = (f"{args.model} model ({args.layers} layers), {args.batch} prompts of up to {enc['input_ids'].shape[1]} "
              f"tokens x {n} sampled tokens, device {device}, torch threads {torch.get_num_threads()}, "
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; median of {args.repeat} interleaved runs. "
-             "Target: starling-sampler >= 2x hf-generate. "
+             "Target: starling-sampler >= 2x hf-generate. " + ceiling
              + ("" if "vllm" in engines else "vLLM: measured only on a GPU with vllm installed."))
     report(args.name, rows, notes)
 

@@ -52,6 +52,19 @@ class DecodingConfig:
     seed: int = 0
     """Seed of the sampling RNG (forked, so the caller's RNG is untouched). Unused when greedy."""
 
+    engine: str = "auto"
+    """"fast" (starling_lib.sampling: a preallocated KV cache; one batch may mix temperatures),
+    "hf" (`model.generate`), or "auto" (fast where the model is supported, else hf). Greedy replies
+    are the same tokens either way; sampled ones follow the same distribution (top_k from the
+    model's generation config, as `generate` reads it) with other random numbers."""
+
+    def __post_init__(self):
+        if self.engine not in ("auto", "fast", "hf"):
+            raise ValueError(f"engine must be auto, fast or hf, got {self.engine!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, batch_size >= 1 and max_new_tokens >= 1; got "
+                             f"{self.temperature}, {self.top_p}, {self.batch_size}, {self.max_new_tokens}")
+
 
 def render(tokenizer, messages: Sequence[dict], mode: str = "gpt4") -> str:
     """The prompt text for `messages` ending with an open assistant turn.
@@ -94,22 +107,51 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], config: DecodingConfig = DecodingConfig(),
-             progress: bool = False, desc: str = "generating") -> list[str]:
+             progress: bool = False, desc: str = "generating",
+             temperatures: Sequence[float] | None = None) -> list[str]:
     """Replies to rendered `prompts` (see `render`), in the same order.
 
     Batches of `config.batch_size`, longest prompts first so that a batch pads little.
+    temperatures: each prompt's own (0: greedy) instead of `config.temperature`; with the fast
+    engine a batch mixes them, with `model.generate` a batch runs once per temperature.
     """
     from tqdm.auto import tqdm
 
+    from starling_lib.sampling import sample, supports_fast_sampling
+
     if not prompts:
         return []
+    temps = [config.temperature] * len(prompts) if temperatures is None else [float(t) for t in temperatures]
+    if len(temps) != len(prompts) or min(temps) < 0:
+        raise ValueError(f"temperatures: need one >= 0 per prompt ({len(prompts)}), got {list(temperatures)}")
     device = _device(model)
     encoded = [_encode(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = config.temperature > 0
-    sample_kwargs = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p) if sampling else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # None: no "unused flag" warnings
+    stops = stop_token_ids(tokenizer)
+    longest = max(len(e) for e in encoded) + config.max_new_tokens
+    fast = config.engine != "hf" and supports_fast_sampling(model, longest)
+    if config.engine == "fast" and not fast:
+        raise ValueError(f"engine='fast' does not support {type(model).__name__} here; use engine='hf' or 'auto'")
+    top_k = getattr(model.generation_config, "top_k", None)
+    top_k = 50 if top_k is None else top_k            # what generate() samples with when the config is silent
+
+    def run(input_ids, attention_mask, row_temps: list[float]) -> torch.Tensor:
+        if fast:
+            return sample(model, input_ids, attention_mask, config.max_new_tokens, stops, pad_id,
+                          temperature=torch.tensor(row_temps), top_k=top_k, top_p=config.top_p,
+                          do_sample=max(row_temps) > 0)
+        out = input_ids.new_full((len(row_temps), input_ids.shape[1] + config.max_new_tokens), pad_id)
+        width = 0
+        for temp in sorted(set(row_temps)):              # model.generate takes one temperature a call
+            rows = torch.tensor([r for r, t in enumerate(row_temps) if t == temp])
+            kwargs = dict(do_sample=True, temperature=temp, top_p=config.top_p) if temp > 0 else \
+                dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # None: no "unused flag" warnings
+            part = model.generate(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
+                                  max_new_tokens=config.max_new_tokens, eos_token_id=stops, pad_token_id=pad_id, **kwargs)
+            out[rows, :part.shape[1]] = part
+            width = max(width, part.shape[1])
+        return out[:, :width]
 
     replies: list[str | None] = [None] * len(prompts)
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -123,9 +165,7 @@ def generate(model, tokenizer, prompts: Sequence[str], config: DecodingConfig = 
             input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
             attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx],
                                           device=device)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                 max_new_tokens=config.max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
-                                 pad_token_id=pad_id, **sample_kwargs)
+            out = run(input_ids, attention_mask, [temps[i] for i in idx])
             for row, i in enumerate(idx):
                 replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
             bar.update(len(idx))

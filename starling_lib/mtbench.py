@@ -357,8 +357,8 @@ def generate_answers(model, tokenizer, questions: Sequence[Mapping], model_name:
     """{question_id: [answer turn 1, answer turn 2]}, generated or taken from the cache.
 
     temperature: None uses MT-Bench's per-category temperatures; a number overrides them all.
-    Generation runs in batches of questions with the same temperature; each batch is cached as
-    soon as it is done.
+    Generation runs in batches of `batch_size` questions, each at its own temperature; each batch
+    is cached as soon as it is done.
     """
     from tqdm.auto import tqdm
 
@@ -382,18 +382,17 @@ def generate_answers(model, tokenizer, questions: Sequence[Mapping], model_name:
             todo.sort(key=lambda item: item[1]["temperature"])
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                temps = {s["temperature"] for _, s in batch}
-                for temp in sorted(temps):  # one generate() call per temperature within the batch
-                    group = [(q, s) for q, s in batch if s["temperature"] == temp]
-                    prompts = [chat.render(tokenizer, conversation(q, answers[q["question_id"]], turn)) for q, _ in group]
-                    config = chat.DecodingConfig(max_new_tokens=max_new_tokens, temperature=temp,
-                                                 batch_size=len(group), seed=seed + start)
-                    replies = chat.generate(model, tokenizer, prompts, config)
-                    for (q, settings), reply in zip(group, replies):
-                        cache.put({"model": model_name, "question_id": q["question_id"], "turn": turn,
-                                   "category": q["category"], "answer": reply, "settings": settings})
-                        answers[q["question_id"]].append(reply)
-                    bar.update(len(group))
+                # One call for the batch, each question at its category's temperature (the fast
+                # engine mixes them in one decoding loop; model.generate runs once per temperature).
+                prompts = [chat.render(tokenizer, conversation(q, answers[q["question_id"]], turn)) for q, _ in batch]
+                config = chat.DecodingConfig(max_new_tokens=max_new_tokens, batch_size=len(batch), seed=seed + start)
+                replies = chat.generate(model, tokenizer, prompts, config,
+                                        temperatures=[settings["temperature"] for _, settings in batch])
+                for (q, settings), reply in zip(batch, replies):
+                    cache.put({"model": model_name, "question_id": q["question_id"], "turn": turn,
+                               "category": q["category"], "answer": reply, "settings": settings})
+                    answers[q["question_id"]].append(reply)
+                bar.update(len(batch))
     return answers
 
 

@@ -144,6 +144,7 @@ class RolloutBatch:
     response_mask: torch.Tensor    # (B, R) bool: real response tokens
     prompts: list                  # the prompts' chat messages, for scoring and logging
     responses: list[str]           # decoded responses, without the end-of-turn token
+    trunk: torch.Tensor | None = None   # (B, P + R, H): the frozen trunk's output, when the sampler kept it
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -153,7 +154,7 @@ class RolloutBatch:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64,
              temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True, top_k: int = 0,
-             engine: str = "auto") -> RolloutBatch:
+             engine: str = "auto", keep_trunk: int | None = None) -> RolloutBatch:
     """Sample one response per prompt (chat messages) in the model's chat template.
 
     Left-padded prompts; generation stops at the tokenizer's eos or `<|end_of_turn|>`
@@ -162,6 +163,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict]], max_new_tok
     engine: "fast" (`sampling.sample`: a preallocated KV cache, about 2x `generate` on the tiny
     model, benchmarks/rollout.py), "hf" (`model.generate`), or "auto" (fast where the model is
     supported, else hf).
+    keep_trunk: a layer index s (SharedTrunkPolicy.split): the fast engine also returns the input of
+    layer s at every position as `batch.trunk`, so that the log-prob pass and the updates after it
+    run only the layers from s up; `model.generate` cannot, and its batches have `trunk` None.
     """
     from starling_lib.sampling import sample, supports_fast_sampling
 
@@ -179,9 +183,12 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict]], max_new_tok
     fast = supports_fast_sampling(model, enc["input_ids"].shape[1] + max_new_tokens)
     if engine == "fast" and not fast:
         raise ValueError(f"engine='fast' does not support {type(model).__name__} here; use engine='hf' or 'auto'")
+    trunk = None
     if engine != "hf" and fast:
         out = sample(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, stops, tokenizer.pad_token_id,
-                     temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample)
+                     temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample, keep_trunk=keep_trunk)
+        if keep_trunk is not None:
+            out, trunk = out
     else:
         sample_args = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample \
             else dict(do_sample=False)
@@ -197,7 +204,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict]], max_new_tok
     input_ids = torch.cat([enc["input_ids"], response], dim=1)
     attention_mask = torch.cat([enc["attention_mask"], response_mask.long()], dim=1)
     decoded = tokenizer.batch_decode(response.masked_fill(is_eos, tokenizer.pad_token_id), skip_special_tokens=True)
-    return RolloutBatch(input_ids, attention_mask, P, response_mask, list(prompts), decoded)
+    return RolloutBatch(input_ids, attention_mask, P, response_mask, list(prompts), decoded, trunk)
 
 
 def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor,

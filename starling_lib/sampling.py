@@ -134,13 +134,21 @@ def _attention(q, k, v, mask, scaling: float, eager: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-           stop_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           stop_ids: list[int], pad_id: int, temperature: float | torch.Tensor = 1.0, top_k: int = 0, top_p: float = 1.0,
            do_sample: bool = True, generator: torch.Generator | None = None,
-           stop_check_every: int = 0) -> torch.Tensor:
+           stop_check_every: int = 0, keep_trunk: int | None = None):
     """Prompt ids followed by up to `max_new_tokens` new ones, as `model.generate` returns them.
 
     input_ids, attention_mask: (B, P) left-padded prompts. Returns (B, P + R), R <= max_new_tokens
     (shorter when every row stopped early); after a row's stop token come `pad_id`s.
+    temperature: one for every row, or a (B,) tensor of each row's own, where 0 means greedy for
+    that row (MT-Bench answers every category in one batch, each at its own temperature).
+    keep_trunk: a layer index s; then returns (ids, trunk) with trunk (B, P + R, H) the input of
+    layer s at every position, i.e. the output of the frozen trunk (embeddings and layers below s)
+    that a policy training only layers s.. would compute again for these sequences
+    (rollout.SharedTrunkPolicy starts from it). Its values are the full forward's to float
+    rounding at every real token; the last position, which no later token attends to and whose
+    output predicts nothing of the response, is never run and holds zeros.
     stop_check_every: ask whether every row has stopped every this many tokens; 0: every token on
     a CPU, every 16 elsewhere. The answer is a copy to the host, which on a GPU waits for every
     kernel launched so far, so asking each token would keep the host from queueing the next
@@ -151,6 +159,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     T = P + max_new_tokens
     if not supports_fast_sampling(model, T):
         raise ValueError(f"{type(model).__name__} is not supported by sampling.sample; use model.generate")
+    if keep_trunk is not None and not 0 <= keep_trunk < len(model.model.layers):
+        raise ValueError(f"keep_trunk must be a layer index in 0..{len(model.model.layers) - 1}, got {keep_trunk}")
     config, body = model.config, model.model
     eager = config._attn_implementation == "eager"
     device = input_ids.device
@@ -179,6 +189,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
                      _direct(attn.o_proj), layer.post_attention_layernorm, _direct(mlp.gate_proj),
                      _direct(mlp.up_proj), mlp.act_fn, _direct(mlp.down_proj), attn.head_dim, attn.scaling))
 
+    trunk: list[torch.Tensor] = []   # with keep_trunk: (B, T, H), allocated at prefill in the stream's dtype
+
     def forward(ids: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, start: int,
                 mask: torch.Tensor) -> torch.Tensor:
         """ids (B, Q) at cache slots start..start+Q-1, cos and sin_signed (B, 1, Q, D), mask (B, 1, Q, S)
@@ -186,6 +198,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         h = body.embed_tokens(ids)
         Q = ids.shape[1]
         for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, act, down, D, scaling) in enumerate(plan):
+            if i == keep_trunk:
+                if not trunk:
+                    trunk.append(h.new_zeros(B, T, h.shape[-1]))
+                trunk[0][:, start:start + Q] = h
             x = norm(norm1, h)
             q = q_proj(x).view(B, Q, -1, D)
             k = k_proj(x).view(B, Q, -1, D)
@@ -217,21 +233,28 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     cos, sin = body.rotary_emb(h0, next_position + torch.arange(max_new_tokens, device=device))   # (B, R, D)
     cos, sin_signed = cos.unsqueeze(1), _sign_sin(sin).unsqueeze(1)                   # (B, 1, R, D)
 
+    per_row = isinstance(temperature, torch.Tensor)
+    if per_row:
+        temps = temperature.to(device=device, dtype=torch.float32).reshape(B, 1)              # (B, 1)
+        greedy_rows = temps.squeeze(1) == 0                                                   # (B,)
+        temps = temps.masked_fill(temps == 0, 1.0)   # those rows take the argmax below
+        do_sample = do_sample and not bool(greedy_rows.all())
     check_every = stop_check_every or (1 if device.type == "cpu" else 16)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = 0
     for t in range(max_new_tokens):
         if do_sample:
-            if temperature != 1.0:
-                logits = logits / temperature
-            probs = filter_logits(logits, top_k, top_p).softmax(-1)
+            scaled = logits / temps if per_row else logits / temperature if temperature != 1.0 else logits
+            probs = filter_logits(scaled, top_k, top_p).softmax(-1)
             # Inverse-CDF sampling: one uniform number per row. (torch.multinomial draws an
             # exponential per vocabulary entry: on CPU it was a fifth of the whole decoding step.)
             u = torch.rand(B, 1, device=device, generator=generator)
             # right=True: the first cumulative sum strictly above u, never a token of probability 0
             token = torch.searchsorted(probs.cumsum(-1), u, right=True).squeeze(1)
             token = token.clamp(max=probs.shape[-1] - 1)   # the cumsum can round to just under 1
+            if per_row:
+                token = torch.where(greedy_rows, logits.argmax(-1), token)
         else:
             token = logits.argmax(-1)
         token = token.masked_fill(done, pad_id)
@@ -247,4 +270,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         is_stop = torch.isin(out[:, :steps], stops)
         stopped_at = torch.where(is_stop.any(-1), is_stop.int().argmax(-1), steps - 1)   # (B,) first stop
         steps = int(stopped_at.max()) + 1
-    return torch.cat([input_ids, out[:, :steps]], dim=1)
+    ids = torch.cat([input_ids, out[:, :steps]], dim=1)
+    if keep_trunk is None:
+        return ids
+    return ids, trunk[0][:, :P + steps]

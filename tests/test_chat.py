@@ -67,8 +67,8 @@ def test_generation_stops_at_end_of_turn(tiny, monkeypatch):
         out.logits[..., eot] += 1e4
         return out
 
-    monkeypatch.setattr(model, "forward", eager_to_stop)
-    assert chat.chat(model, tok, "Hi", config=chat.DecodingConfig(max_new_tokens=20)) == ""
+    monkeypatch.setattr(model, "forward", eager_to_stop)   # model.generate calls forward; the fast engine does not
+    assert chat.chat(model, tok, "Hi", config=chat.DecodingConfig(max_new_tokens=20, engine="hf")) == ""
     assert len(seen) == 1  # stopped after the first token, not at max_new_tokens
 
 
@@ -98,3 +98,43 @@ def test_continuation_too_long_for_the_model_is_an_error(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="does not fit"):
         chat.continuation_logprobs(model, tok, "word " * 3000, ["1"])
+
+
+CONVS = [[{"role": "user", "content": "Hi"}],
+         [{"role": "user", "content": "Write a long poem about the sea and the sky, please."}],
+         [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
+          {"role": "user", "content": "How are you today?"}]]
+
+
+def test_the_fast_engine_gives_generates_greedy_replies(tiny):
+    model, tok = tiny
+    prompts = [chat.render(tok, c) for c in CONVS]
+    replies = {engine: chat.generate(model, tok, prompts, chat.DecodingConfig(max_new_tokens=16, engine=engine))
+               for engine in ("fast", "hf")}
+    assert replies["fast"] == replies["hf"] and all(replies["fast"])
+
+
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_a_batch_mixes_temperatures_each_row_as_if_alone(tiny, engine):
+    """MT-Bench answers every category in one batch: a row at temperature 0 is the greedy reply, a
+    sampled row is seeded. The fast engine draws a sampled row's random numbers as in an all-sampled
+    batch of the same shape; model.generate runs once per temperature."""
+    model, tok = tiny
+    prompts = [chat.render(tok, c) for c in CONVS]
+    cfg = chat.DecodingConfig(max_new_tokens=12, batch_size=3, seed=3, engine=engine)
+    greedy = chat.generate(model, tok, prompts, cfg)
+    mixed = chat.generate(model, tok, prompts, cfg, temperatures=[0.0, 1.0, 0.0])
+    assert mixed[0] == greedy[0] and mixed[2] == greedy[2] and mixed[1] != greedy[1]
+    if engine == "fast":
+        sampled = chat.generate(model, tok, prompts, cfg, temperatures=[1.0, 1.0, 1.0])
+        assert mixed[1] == sampled[1]
+    assert chat.generate(model, tok, prompts, cfg, temperatures=[0.0, 1.0, 0.0]) == mixed   # seeded
+    with pytest.raises(ValueError, match="one >= 0 per prompt"):
+        chat.generate(model, tok, prompts, cfg, temperatures=[0.0, 1.0])
+
+
+def test_decoding_settings_are_checked():
+    with pytest.raises(ValueError, match="engine must be auto, fast or hf"):
+        chat.DecodingConfig(engine="vllm")
+    with pytest.raises(ValueError, match="temperature >= 0"):
+        chat.DecodingConfig(temperature=-1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,14 +17,16 @@ import torch
 from starling_lib.models import load_model_and_tokenizer, tiny_model_path
 from starling_lib.policy import (PolicyTrainConfig, PolicyTrainResult, check_not_fsdp, evaluate_policy, frontier_frame,
                                  history_frame, load_config, load_or_train_reward_model, load_prompts,
-                                 normalize_scores, reward_gain, step_prompts, train_policy)
+                                 normalize_scores, phase_frame, reward_gain, step_prompts, train_policy)
 from starling_lib.policy.__main__ import main
 from starling_lib.reward_model import build_reward_model
 from starling_lib.rm_io import load_reward_model, save_reward_model
 from starling_lib.rollout import SharedTrunkPolicy
 
 REPO = Path(__file__).resolve().parent.parent
-COMMON = ["reward_mean", "reward_std", "kl", "entropy", "response_length", "stop_frac", "policy_loss", "lr", "elapsed_s"]
+PHASES = ["time_generate_s", "time_score_s", "time_forward_s", "time_update_s"]
+COMMON = ["reward_mean", "reward_std", "kl", "entropy", "response_length", "stop_frac", "policy_loss", "lr", "elapsed_s",
+          *PHASES]
 OWN = {"apa": ["value_loss", "approx_kl", "log_ratio_mean", "target_mean", "value_clip_frac"],
        "ppo": ["value_loss", "clip_frac", "approx_kl", "ratio_mean", "value_clip_frac", "non_score_reward"],
        "p3o": ["clip_frac", "seq_log_ratio_mean"]}
@@ -75,6 +78,15 @@ def test_each_method_trains_only_the_top_layers_and_logs_its_metrics(tiny_cfg, m
     assert result.evals[0][f"policy/{method}/eval_kl"] == pytest.approx(0.0, abs=1e-5)
     assert result.extra["responses_generated"] == 8 and result.extra["optimizer_steps"] == 2 * 2 * 2
     assert result.eval_details[-1]["num_responses"] == 2
+    # The phases of a step account for its time: the second step's clock minus the first's, less
+    # the evaluation after step 2, is its four phases plus the metrics' bookkeeping.
+    phases = sum(result.history[1][f"policy/{method}/{k}"] for k in PHASES)
+    step_s = result.history[1][f"policy/{method}/elapsed_s"] - result.history[0][f"policy/{method}/elapsed_s"]
+    assert all(result.history[1][f"policy/{method}/{k}"] > 0 for k in PHASES)
+    assert 0.8 * step_s <= phases <= step_s
+    table = phase_frame({method: result})          # notebook 04's "where a step's time goes"
+    assert list(table["phase"]) == ["generate", "score", "forward", "update"]
+    assert table["share"].sum() == pytest.approx(1.0) and (table["seconds"] > 0).all()
 
 
 def test_dpo_runs_through_trl_with_the_same_budget_and_evaluation(tiny_cfg, tmp_path):
@@ -88,6 +100,11 @@ def test_dpo_runs_through_trl_with_the_same_budget_and_evaluation(tiny_cfg, tmp_
     assert [e["step"] for e in result.evals] == [0, 2] and result.evals[0]["policy/dpo/eval_kl"] == pytest.approx(0, abs=1e-5)
     assert result.evals[-1]["policy/dpo/eval_kl"] > 0
     assert len(result.history) == 8 and "policy/dpo/reward_accuracy" in result.history[-1]
+    # The reference's log-probs were read from the policy before its first update: there the two
+    # are one model, so the first step's loss is log 2 and its implicit reward margin 0.
+    assert result.history[0]["policy/dpo/policy_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert result.history[0]["policy/dpo/reward_margin"] == pytest.approx(0, abs=1e-5)
+    assert result.history[-1]["policy/dpo/policy_loss"] != pytest.approx(math.log(2), abs=1e-3)
 
 
 def test_the_initial_evaluation_is_every_method_s_step_0_and_is_reused_not_repeated(tiny_cfg):
@@ -349,5 +366,11 @@ def test_the_cached_trunk_trains_as_the_full_forward_does(tiny_cfg):
     full = train_policy(dataclasses.replace(tiny_cfg, method="ppo", eval_every=0, cache_trunk=False))
     for key in ("policy/ppo/policy_loss", "policy/ppo/value_loss", "policy/ppo/kl", "policy/ppo/reward_mean"):
         assert [h[key] for h in cached.history] == pytest.approx([h[key] for h in full.history], rel=1e-4, abs=1e-6), key
-    a, b = cached.policy.model.state_dict(), full.policy.model.state_dict()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # The cached run starts from the trunk output the sampler kept while generating, equal to the
+    # full forward's to float rounding (test_rollout); Adam's first steps divide each gradient by its
+    # own size, which turns rounding in near-zero gradients into differences of a fraction of the
+    # learning rate: the weights agree to 1% of how far training moved them.
+    a, b, init = cached.policy.model.state_dict(), full.policy.model.state_dict(), _initial_state()
+    moved = max((b[k] - init[k]).abs().max().item() for k in b)
+    assert moved > 1e-3
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.01 * moved

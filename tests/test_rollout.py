@@ -137,3 +137,40 @@ def test_starting_from_the_cached_trunk_gives_the_full_forwards_numbers_and_grad
     assert grads[0].keys() == grads[1].keys() and any(".layers.3." in n for n in grads[0])
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[0])
     assert len(policy.model.model.layers) == 4                # the full stack is back after the cached forward
+
+
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_the_sampler_keeps_the_trunk_output_that_the_log_prob_pass_needs(tiny, engine):
+    """generate(keep_trunk=s) hands out the input of layer s from the sampling itself: at every real
+    token it is what a full forward computes there, and the policy's log-probs, reference and values
+    from it are the full forward's. model.generate cannot keep it: then the batch says None."""
+    model, tok = tiny
+    policy = SharedTrunkPolicy(copy.deepcopy(model), num_trainable_layers=2, value_head=True)
+    with torch.no_grad():
+        torch.nn.init.normal_(policy.value_head.weight)
+    torch.manual_seed(1)
+    batch = generate(policy.model, tok, PROMPTS, max_new_tokens=12, engine=engine, keep_trunk=policy.split)
+    if engine == "hf":
+        assert batch.trunk is None
+        return
+    assert batch.trunk.shape == (*batch.input_ids.shape, policy.model.config.hidden_size)
+    with torch.no_grad():
+        full = policy(batch.input_ids, batch.attention_mask, batch.response_start, with_ref=True, with_values=True,
+                      with_entropy=True, return_trunk=True)
+        kept = policy(batch.input_ids, batch.attention_mask, batch.response_start, with_ref=True, with_values=True,
+                      with_entropy=True, trunk=batch.trunk)
+    real = batch.attention_mask.bool().clone()
+    real[:, -1] = False                       # the last token is sampled, never fed: its slot holds zeros
+    assert torch.allclose(batch.trunk[real], full["trunk"][real], atol=1e-5)
+    assert not torch.equal(batch.trunk[real], torch.zeros_like(batch.trunk[real]))
+    mask = batch.response_mask
+    for key in ("logprobs", "ref_logprobs", "values", "entropy"):
+        assert torch.allclose(kept[key][mask], full[key][mask], atol=1e-5), key
+    # the KL to the reference of an untrained policy stays exactly zero from the kept trunk
+    assert torch.equal(kept["logprobs"], kept["ref_logprobs"])
+
+
+def test_keep_trunk_must_name_a_layer(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="keep_trunk must be a layer index in 0..3, got 4"):
+        generate(model, tok, PROMPTS[:1], max_new_tokens=2, engine="fast", keep_trunk=4)

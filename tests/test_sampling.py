@@ -179,3 +179,22 @@ def test_hooked_projections_are_called_through_their_modules(tiny):
         handle.remove()
     assert torch.equal(hooked, plain)
     assert len(calls) == 5   # the prefill and 4 decoding steps (the 5th token needs no forward)
+
+
+def test_per_row_temperatures(tiny):
+    """A (B,) temperature tensor: the same draws as one temperature for all rows, and rows at 0 greedy."""
+    model, tok = tiny
+    ids, mask = left_padded(tok)
+    stops, pad = [tok.eos_token_id], tok.pad_token_id
+    torch.manual_seed(5)
+    scalar = sample(model, ids, mask, 10, stops, pad, temperature=0.7)
+    torch.manual_seed(5)
+    per_row = sample(model, ids, mask, 10, stops, pad, temperature=torch.tensor([0.7, 0.7, 0.7]))
+    assert torch.equal(per_row, scalar)
+    greedy = sample(model, ids, mask, 10, stops, pad, do_sample=False)
+    torch.manual_seed(5)
+    mixed = sample(model, ids, mask, 10, stops, pad, temperature=torch.tensor([0.0, 0.7, 0.0]))
+    assert torch.equal(mixed[[0, 2]], greedy[[0, 2]]) and torch.equal(mixed[1], scalar[1])
+    assert not torch.equal(greedy[1], scalar[1])
+    all_zero = sample(model, ids, mask, 10, stops, pad, temperature=torch.zeros(3))
+    assert torch.equal(all_zero, greedy)

@@ -29,13 +29,13 @@ from starling_lib.policy.methods import ONLINE_METHODS, normalize_scores
 from starling_lib.policy.online import check_not_fsdp, train_online
 from starling_lib.policy.prompts import load_prompts, resolve_policy, step_prompts
 from starling_lib.policy.report import (frontier_frame, history_frame, paired_difference, parameter_counts,
-                                        policy_metrics, reward_gain, samples_frame, strip_method, summary_table)
+                                        phase_frame, policy_metrics, reward_gain, samples_frame, strip_method, summary_table)
 from starling_lib.policy.train import train_policy
 
 __all__ = ["INITIAL_POLICY", "METHODS", "ONLINE_METHODS", "PolicyTrainConfig", "PolicyTrainResult", "check_not_fsdp",
            "ended_with_stop", "eval_settings", "evaluate_initial", "evaluate_policy", "frontier_frame", "history_frame",
            "load_config", "load_or_train_reward_model", "load_prompts", "normalize_scores", "parameter_counts",
-           "paired_difference", "policies_dir", "policy_metrics", "policy_with_reference", "resolve_policy", "reward_gain",
+           "paired_difference", "phase_frame", "policies_dir", "policy_metrics", "policy_with_reference", "resolve_policy", "reward_gain",
            "samples_frame",
            "save_policies", "save_policy", "step_prompts", "strip_method", "summary_table", "train_online",
            "train_policy"]

@@ -17,7 +17,9 @@ The same `PolicyTrainConfig` as the online trainer, read as follows:
   divides rollouts_per_step; otherwise fewer (at the 7B recipe's sizes 45,716 against 60,000).
   `result.extra["optimizer_steps"]` records the count, and notebook 04's table prints it;
 - `dpo_beta` is DPO's beta; sequences are cut to `dpo_max_length` tokens (TRL's keep_start);
-- the reference is the initial policy (a separate frozen copy, TRL's way);
+- the reference is the initial policy: its log-probs of every pair are computed once, before
+  training, from the policy while it still is the initial one (TRL's precompute_ref_log_probs), not
+  in every epoch by a second copy of the model (TRL's default), which is never loaded;
 - evaluation: the trained policy is wrapped with the initial policy as its reference
   (`evaluate.policy_with_reference`) and evaluated by `evaluate.evaluate_policy` on the same held-out
   prompts with the same seed, so its reward and KL compare like with like with the online methods.
@@ -75,9 +77,7 @@ def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_mode
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     # float32 master weights; the Trainer's autocast runs the forward in bf16 when asked.
     model, tokenizer = load_model_and_tokenizer(initial_path, device="cpu", dtype=torch.float32)
-    ref_model, _ = load_model_and_tokenizer(initial_path, device="cpu", dtype=torch.float32)
     train_top_layers(model, cfg.unfrozen_layers)
-    ref_model.requires_grad_(False)
 
     train = dpo_dataset(cfg, tokenizer)
     pairs_per_micro = max(1, cfg.micro_batch_size // 2)
@@ -93,8 +93,14 @@ def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_mode
         bf16=precision == "bf16", fp16=precision == "fp16", activation_checkpointing=False, use_cpu=use_cpu,
         logging_steps=1, save_strategy="steps" if cfg.checkpoint_every and cfg.output_dir else "no",
         save_steps=max(1, cfg.checkpoint_every), save_total_limit=cfg.keep_checkpoints, report_to="none",
-        seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not cfg.progress, dataloader_num_workers=0)
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tokenizer)
+        seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not cfg.progress, dataloader_num_workers=0,
+        # The reference is frozen: its log-probs of every pair once, before training, in batches of
+        # eval_batch_size, not again in each of the epochs_per_batch epochs (and at 7B, no second
+        # copy of the model in memory during training).
+        precompute_ref_log_probs=True, precompute_ref_batch_size=max(1, cfg.eval_batch_size // 2))
+    # No reference model: with precompute_ref_log_probs TRL reads the reference's log-probs from the
+    # policy itself before its first update, when it still is the initial policy.
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train, processing_class=tokenizer)
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when tqdm is off
 

@@ -57,8 +57,10 @@ def evaluate_policy(policy: SharedTrunkPolicy, tokenizer, reward_model, prompts:
             with autocast():
                 batch = generate(policy.model, tokenizer, chunk, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, top_k=top_k, do_sample=temperature > 0,
-                                 engine=engine)
-                out = policy(batch.input_ids, batch.attention_mask, batch.response_start, with_ref=True)
+                                 engine=engine, keep_trunk=policy.split)
+                # from the trunk output the sampler kept (the top layers only), else the full forward
+                out = policy(batch.input_ids, batch.attention_mask, batch.response_start, with_ref=True,
+                             trunk=batch.trunk)
             mask = batch.response_mask
             kls.append((kl_penalty(out["logprobs"], out["ref_logprobs"], "k3") * mask).sum(-1).cpu())
             lengths.append(mask.sum(-1).float().cpu())

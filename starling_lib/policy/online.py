@@ -9,12 +9,14 @@ policy.methods, one block each:
       take the step's prompts (a function of the seed and the step; policy.prompts)
       sample one response per prompt (P3O: two per prompt, half the prompts), score each with the RM
       one no-grad forward of the SharedTrunkPolicy: log-probs under the policy (the "old" ones of
-          PPO's ratio) and under the reference (the initial policy), values, entropy
-          (the pass also keeps the frozen trunk's output, which every update below starts from)
+          PPO's ratio) and under the reference (the initial policy), values, entropy; it and every
+          update below start from the frozen trunk's output, which the sampler kept while
+          generating (or, with model.generate, this pass computes once)
       per-token KL to the reference; the method's targets (advantages, or P3O's reward difference)
       for each of `epochs_per_batch` epochs, for each shuffled minibatch (one optimizer step,
       its gradient accumulated over micro-batches): the method's loss, through the top layers only
-      log reward, KL to the initial policy, entropy, response length, clip fraction, value loss
+      log reward, KL to the initial policy, entropy, response length, clip fraction, value loss,
+          and the seconds each phase took (time_generate_s, time_score_s, time_forward_s, time_update_s)
 
 In a notebook (one device):
 
@@ -104,6 +106,26 @@ def _chunks(indices: torch.Tensor, size: int):
         yield indices[i:i + size]
 
 
+class _PhaseClock:
+    """Wall seconds of each phase of a step (this process's): where a step's time goes.
+
+    On a GPU each lap waits for the kernels queued so far (four waits a step, next to the
+    rollout's own), so a phase is charged its own kernels, not the previous phase's.
+    """
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.laps: dict[str, float] = {}
+        self.sync()
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.laps[name] = now - self.t
+        self.t = now
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     # Sampling of step `step` on process `rank`: reproducible after a resume, different per process.
     return (seed * 1_000_003 + step * 7919 + rank) % (2**31 - 1)
@@ -183,22 +205,29 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
                disable=not (cfg.progress and accelerator.is_main_process))
     t0 = time.perf_counter()
     for step in range(start_step, end_step):
+        clock = _PhaseClock(device)
         # ---- 1. rollout: sample, score, and the no-grad forward for old / reference log-probs and values
         b_prompts = step_prompts(step, train_prompts, cfg, rank, n_proc)
         torch.manual_seed(_step_seed(cfg.seed, step, rank))
         with torch.no_grad(), accelerator.autocast():
             batch = generate(unwrapped.model, tokenizer, b_prompts, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, engine=cfg.rollout_engine)
+                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, engine=cfg.rollout_engine,
+                             keep_trunk=unwrapped.split if cfg.cache_trunk else None)
+        clock.lap("generate")
         b_mask = batch.response_mask
         b_scores = reward_model.score(b_prompts, [r.strip() for r in batch.responses]).to(device)   # (B,)
-        outs = []
+        clock.lap("score")
+        # The frozen trunk's output (B, T, H) is the same in this pass and every update below: the
+        # sampler kept it while generating (batch.trunk), or this pass computes it once (the hf engine).
+        outs, sampled_trunk = [], batch.trunk if cfg.cache_trunk else None
         with torch.no_grad(), accelerator.autocast():
             for mb_rows in _chunks(torch.arange(len(b_prompts)), cfg.micro_batch_size):
                 outs.append(unwrapped(batch.input_ids[mb_rows], batch.attention_mask[mb_rows], batch.response_start,
                                       with_ref=True, with_values=algo.critic, with_entropy=True,
-                                      return_trunk=cfg.cache_trunk))
-        # The frozen trunk's output (B, T, H): the same in every update below, so computed once here.
-        b_trunk = torch.cat([o["trunk"] for o in outs]) if cfg.cache_trunk else None
+                                      return_trunk=cfg.cache_trunk and sampled_trunk is None,
+                                      trunk=None if sampled_trunk is None else sampled_trunk[mb_rows]))
+        b_trunk = None if not cfg.cache_trunk else (
+            sampled_trunk if sampled_trunk is not None else torch.cat([o["trunk"] for o in outs]))
         b_old_logprobs = torch.cat([o["logprobs"] for o in outs])                    # (B, R)
         b_ref_logprobs = torch.cat([o["ref_logprobs"] for o in outs])
         b_entropy = torch.cat([o["entropy"] for o in outs])
@@ -212,6 +241,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
             b["values"] = torch.cat([o["values"] for o in outs]) * b_mask
         b_targets, b_target_stats = algo.targets(cfg, b)
         b.update(b_targets)
+        clock.lap("forward")
 
         # ---- 3. epochs of minibatch updates; each minibatch is one optimizer step, accumulated over micro-batches
         gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank))
@@ -233,6 +263,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        clock.lap("update")
 
         # ---- 4. metrics: this process's means, then the mean over processes
         local = {"reward_mean": b_scores.mean(),
@@ -246,7 +277,8 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
         g = accelerator.reduce(torch.stack([local[k].float().to(device) for k in names]), reduction="mean")
         record = {"step": step + 1, **{f"policy/{method}/{k}": v for k, v in zip(names, g.tolist())},
                   f"policy/{method}/lr": scheduler.get_last_lr()[0],
-                  f"policy/{method}/elapsed_s": time.perf_counter() - t0 - eval_s}
+                  f"policy/{method}/elapsed_s": time.perf_counter() - t0 - eval_s,
+                  **{f"policy/{method}/time_{k}_s": v for k, v in clock.laps.items()}}
         history.append(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record[f'policy/{method}/reward_mean']:.3f}", kl=f"{record[f'policy/{method}/kl']:.3f}")

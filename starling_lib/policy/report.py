@@ -31,6 +31,23 @@ def history_frame(results: dict[str, PolicyTrainResult]):
     return pd.DataFrame(rows)
 
 
+PHASES = ("generate", "score", "forward", "update")   # online.train_online's per-step clock, in step order
+
+
+def phase_frame(results: dict[str, PolicyTrainResult]):
+    """Where an online step's time goes: per method and phase (generate, score, forward, update),
+    the median seconds over its steps and the share of the step; columns method, phase, seconds, share.
+    DPO (TRL's loop) has no such clock and is left out."""
+    rows = []
+    for name, res in results.items():
+        steps = [strip_method(r, res.config.method) for r in res.history]
+        if not steps or "time_generate_s" not in steps[0]:
+            continue
+        med = {ph: float(pd.Series([r[f"time_{ph}_s"] for r in steps]).median()) for ph in PHASES}
+        rows += [{"method": name, "phase": ph, "seconds": v, "share": v / sum(med.values())} for ph, v in med.items()]
+    return pd.DataFrame(rows, columns=["method", "phase", "seconds", "share"])
+
+
 def paired_difference(before: dict, after: dict, key: str = "rewards") -> tuple[float, float]:
     """(mean difference, standard error) of a per-response quantity (`key`: "rewards" or "kls")
     from evaluation `before` to `after` of the same prompts.
