@@ -226,7 +226,7 @@ def test_interrupted_evaluation_resumes_without_regenerating_or_rejudging(tiny, 
     questions = mtbench.load_questions(per_category=1)  # 8 questions, 16 answers, 16 judgments
     generated = []
 
-    def fake_generate(model, tokenizer, prompts, config, progress=False, desc=""):
+    def fake_generate(model, tokenizer, prompts, config, progress=False, desc="", temperatures=None):
         if fail[0] is not None and len(generated) >= fail[0]:
             raise Interrupted
         generated.extend(prompts)
@@ -267,15 +267,15 @@ def test_turn_two_is_generated_after_the_first_answer(tiny, tmp_path, monkeypatc
     q = mtbench.load_questions(per_category=1, categories=["writing"])
     seen = []
 
-    def fake_generate(model, tokenizer, prompts, config, progress=False, desc=""):
-        seen.append((prompts, config.temperature))
+    def fake_generate(model, tokenizer, prompts, config, progress=False, desc="", temperatures=None):
+        seen.append((prompts, temperatures))
         return [f"REPLY-{len(seen)}" for _ in prompts]
 
     monkeypatch.setattr(mtbench.chat, "generate", fake_generate)
     answers = mtbench.generate_answers(FakeModel(), tok, q, "m", tmp_path / "a.jsonl", progress=False)
     assert answers[81] == ["REPLY-1", "REPLY-2"]
     (first, t1), (second, t2) = seen
-    assert t1 == t2 == 0.7  # writing is sampled at 0.7
+    assert t1 == t2 == [0.7]  # writing is sampled at 0.7
     assert second[0] == chat.render(tok, [{"role": "user", "content": q[0]["turns"][0]},
                                          {"role": "assistant", "content": "REPLY-1"},
                                          {"role": "user", "content": q[0]["turns"][1]}])
@@ -403,3 +403,17 @@ def test_a_judge_that_returns_too_few_ratings_is_an_error(tmp_path):
     q = mtbench.load_questions(per_category=1, categories=["writing"])
     with pytest.raises(RuntimeError, match="returned 1 ratings for 2 prompts"):
         mtbench.judge_answers(q, {81: ["a1", "a2"]}, "m", Short(), tmp_path / "j.jsonl", progress=False)
+
+
+def test_a_batch_of_categories_is_answered_in_one_call_each_at_its_temperature(tiny, tmp_path, monkeypatch):
+    _, tok = tiny
+    q = mtbench.load_questions(per_category=1, categories=["writing", "math", "stem"])
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, config, progress=False, desc="", temperatures=None):
+        calls.append(list(temperatures))
+        return ["reply" for _ in prompts]
+
+    monkeypatch.setattr(mtbench.chat, "generate", fake_generate)
+    mtbench.generate_answers(FakeModel(), tok, q, "m", tmp_path / "a.jsonl", batch_size=8, progress=False)
+    assert calls == [[0.0, 0.1, 0.7]] * 2   # one call per turn, sorted by temperature: math, stem, writing
