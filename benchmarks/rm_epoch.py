@@ -4,11 +4,14 @@ One epoch over the bundled Nectar training prompts, same backbone (the tiny 4-la
 Mistral), same head initialisation, same chat format and truncation (`max_length` tokens), same
 optimizer, learning rate and steps (an optimizer step takes `batch_size` rankings: their K answers
 for the K-wise trainer, their K(K-1)/2 pairs for TRL), then held-out pairwise accuracy on every
-test prompt. Three runs:
+test prompt. Four runs:
 
     kwise-padded   starling_lib.rm_train, each prompt + answer padded to the micro-batch's longest
     kwise-packed   the same loss with each prompt encoded once for its answers and the sequences
                    packed into rows (RMTrainConfig.packing; rm_layout.pack_shared_prompts)
+    kwise-compiled kwise-packed with RMTrainConfig.compile_model: the training step through
+                   torch.compile (inductor); the compilation happens in the first steps and counts
+                   in the epoch (cold or warm on-disk inductor cache: see run_s and the notes)
     trl-pairwise   TRL RewardTrainer on the pairs (rm_train.train_pairwise_baseline): each answer
                    is encoded K-1 = 6 times per epoch
 
@@ -33,7 +36,7 @@ from benchmarks.common import report
 from starling_lib.rm_eval import evaluate_rankings
 from starling_lib.rm_train import RMTrainConfig, load_rankings, train_pairwise_baseline, train_reward_model
 
-RUNS = ("kwise-padded", "kwise-packed", "trl-pairwise")
+RUNS = ("kwise-padded", "kwise-packed", "kwise-compiled", "trl-pairwise")
 
 
 def main(argv=None) -> None:
@@ -60,7 +63,8 @@ def main(argv=None) -> None:
 
     rows = []
     for run in args.runs:
-        cfg = dataclasses.replace(base, steps=steps, packing=run == "kwise-packed")
+        cfg = dataclasses.replace(base, steps=steps, packing=run in ("kwise-packed", "kwise-compiled"),
+                                  compile_model=run == "kwise-compiled")
         t0 = time.perf_counter()
         if run == "trl-pairwise":
             with tempfile.TemporaryDirectory() as tmp:

@@ -154,6 +154,17 @@ class RMTrainConfig(TrainConfig):
     were fastest (1.33x the padded layout; rows of 768: 1.1x); on a GPU with a 7B model attention
     is a smaller share of the work, so try 2-4 x max_length (benchmarks/rm_epoch.py --pack-length)."""
 
+    compile_model: bool = False
+    """Run the training forward and backward through `torch.compile` (inductor): the same model,
+    parameters and state_dict, only the training step compiled (evaluation, saving and the trunk
+    cache's path stay eager). Rewards agree with eager to float rounding (1e-6 on the tiny model).
+    It fuses the element-wise work (RMSNorm, rotary, SiLU x up and their backward), which is
+    memory-bound on a CPU: on 2 AMD EPYC cores, tiny model, packed rows of 384, a step took
+    0.61-0.69x the eager time; the first step pays the compilation (60-80 s there, 5-11 s
+    with inductor's on-disk cache warm), so it pays off after about 30 such steps, not in short
+    runs. The batch dimension is compiled as dynamic (packed micro-batches vary in rows);
+    a new row width recompiles once, then that dimension turns dynamic too."""
+
     unfrozen_layers: int = -1
     """Top transformer blocks trained (with the final norm and the head); -1 trains all (full
     fine-tuning, as Starling-RM), 0 only the head."""
@@ -211,7 +222,7 @@ class RMTrainConfig(TrainConfig):
     # Fields that do not change the trained weights: a checkpoint may be resumed under new values.
     NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = (
         "output_dir", "checkpoint_every", "keep_checkpoints", "resume", "save_model", "log_every", "progress",
-        "eval_every", "eval_prompts", "eval_batch_size")
+        "eval_every", "eval_prompts", "eval_batch_size", "compile_model")
 
     def __post_init__(self):
         self.check_choices(chat_format=CHAT_FORMATS, loss=tuple(LOSSES))   # and lr_schedule, device, checkpoint_every's output_dir
@@ -401,6 +412,9 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None,
     per_process = cfg.batch_size // accelerator.num_processes
     rank = accelerator.process_index
     sequences = tokens = 0
+    # compile_model: a compiled view of the same module for the training step only, so parameter
+    # names, saving, evaluation and the trunk cache's path see the eager model.
+    train_forward = torch.compile(model) if cfg.compile_model and trunk_cache is None else model
     model.train()
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"reward model ({cfg.loss})",
                disable=not (cfg.progress and accelerator.is_main_process))
@@ -414,12 +428,16 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None,
             mb = collate_rankings([train_rows[b_idx[p]] for p in mb_positions], tokenizer, cfg.k,
                                   cfg.max_length, cfg.seed, step, mb_positions, pack_length)
             mb = {name: t.to(accelerator.device) for name, t in mb.items()}
+            if train_forward is not model:
+                for name in ("input_ids", "attention_mask", "position_ids", "read"):   # rows/sequences vary
+                    if name in mb:
+                        torch._dynamo.maybe_mark_dynamic(mb[name], 0)
             with accelerator.accumulate(model):
                 if trunk_cache is not None:
                     mb_flat = model(mb["input_ids"], mb["attention_mask"],
                                     trunk=trunk_cache.trunk(mb["input_ids"], mb["attention_mask"]))          # (N,)
                 else:
-                    mb_flat = model(mb["input_ids"], mb["attention_mask"], mb.get("position_ids"), mb.get("read"))
+                    mb_flat = train_forward(mb["input_ids"], mb["attention_mask"], mb.get("position_ids"), mb.get("read"))
                 # Back to one row per prompt, best answer first; masked slots stay 0 and unused.
                 mb_rewards = mb_flat.new_zeros(mb["mask"].shape).masked_scatter(mb["mask"], mb_flat)
                 loss = loss_fn(mb_rewards, mb["mask"])
