@@ -46,13 +46,14 @@ def plackett_luce_loss(rewards: torch.Tensor, mask: torch.Tensor | None = None) 
     mask:    (B, K) bool, True where an answer exists; masked answers take no part in any term.
     """
     r = rewards.float()                                                        # (B, K)
-    if mask is None:
-        mask = torch.ones_like(r, dtype=torch.bool)
-    r = r.masked_fill(~mask, _MASKED)
+    if mask is not None:   # (without one, no masking work: the loss is a millisecond of per-op overhead)
+        r = r.masked_fill(~mask, _MASKED)
     # logsumexp over each suffix r_j..r_K, all at once: a reversed cumulative logsumexp.
     suffix_lse = torch.logcumsumexp(r.flip(-1), dim=-1).flip(-1)              # (B, K)
-    nll = -((r - suffix_lse) * mask).sum(-1)                                   # (B,)
-    return nll.mean()
+    terms = r - suffix_lse                                                     # (B, K)
+    if mask is not None:
+        terms = terms * mask
+    return -terms.sum(-1).mean()
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
