@@ -55,6 +55,7 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 
+from starling_lib import tracking
 from starling_lib.losses import pairwise_split_loss, plackett_luce_loss
 from starling_lib.models import (CHAT_FORMATS, apply_chat_format, decoder_layers, load_tokenizer, quiet_transformers, train_top_layers,
                                  trunk_output)
@@ -219,12 +220,19 @@ class RMTrainConfig(TrainConfig):
     progress: bool = True
     """Show tqdm progress bars."""
 
+    report_to: str = "tensorboard"
+    """Where the run's metrics go as it trains (starling_lib.tracking): "tensorboard" (event files
+    under output_dir/tracking/), "wandb", "mlflow" or any tracker accelerate knows (comma-separated
+    for several), "none". Needs output_dir; configure W&B or MLflow as those tools are."""
+
     # Fields that do not change the trained weights: a checkpoint may be resumed under new values.
     NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = (
         "output_dir", "checkpoint_every", "keep_checkpoints", "resume", "save_model", "log_every", "progress",
+        "report_to",
         "eval_every", "eval_prompts", "eval_batch_size", "compile_model")
 
     def __post_init__(self):
+        tracking.check_report_to(self.report_to)
         self.check_choices(chat_format=CHAT_FORMATS, loss=tuple(LOSSES))   # and lr_schedule, device, checkpoint_every's output_dir
         self.check_ranges(max_prompts=(0, True), train_prompts=(0, True), eval_batch_size=(1, True))
         if self.k < 2:
@@ -415,6 +423,7 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None,
     # compile_model: a compiled view of the same module for the training step only, so parameter
     # names, saving, evaluation and the trunk cache's path see the eager model.
     train_forward = torch.compile(model) if cfg.compile_model and trunk_cache is None else model
+    tracking.start(accelerator, f"reward_model_{cfg.loss}", cfg.fingerprint())   # as cfg.report_to says
     model.train()
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"reward model ({cfg.loss})",
                disable=not (cfg.progress and accelerator.is_main_process))
@@ -478,12 +487,14 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None,
             record["rm/heldout_top1_accuracy"] = heldout["top1_accuracy"]
         if record:
             history.append(record)
+            tracking.log(accelerator, record, done)
             bar.set_postfix(loss=f"{history[-1].get('rm/loss', float('nan')):.3f}",
                             acc=f"{history[-1].get('rm/train_pair_accuracy', float('nan')):.2f}")
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == end_step):
             save_checkpoint(accelerator, cfg, {"step": done, "config": cfg.fingerprint(), "history": history,
                                                 "sequences": total_sequences, "tokens": total_tokens})
     bar.close()
+    tracking.end(accelerator)
     wall_s = time.perf_counter() - t0 - eval_s
 
     unwrapped = accelerator.unwrap_model(model)

@@ -46,6 +46,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import torch
 
+from starling_lib import tracking
+
 
 # --------------------------------------------------------------------------------------------
 # configs
@@ -128,13 +130,15 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 def make_accelerator(cfg: Any):
     """An `accelerate.Accelerator` on `cfg.device` with `cfg.mixed_precision` (see mixed_precision)
-    that checkpoints registered objects as JSON (`PlainStateAccelerator`, see the module docstring).
+    that checkpoints registered objects as JSON (`PlainStateAccelerator`, see the module docstring)
+    and tracks the run as `cfg.report_to` says (starling_lib.tracking).
 
     A trainer adds its own checks (batch sizes that split into the processes, FSDP) after this.
     """
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
-    return _plain_state_accelerator_class()(cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg))
+    return _plain_state_accelerator_class()(cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg),
+                                            **tracking.accelerator_kwargs(cfg))
 
 
 PLAIN_STATE_FILE = "custom_state_{}.json"        # a registered object's state_dict, as JSON

@@ -105,6 +105,8 @@ def test_dpo_runs_through_trl_with_the_same_budget_and_evaluation(tiny_cfg, tmp_
     assert result.history[0]["policy/dpo/policy_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert result.history[0]["policy/dpo/reward_margin"] == pytest.approx(0, abs=1e-5)
     assert result.history[-1]["policy/dpo/policy_loss"] != pytest.approx(math.log(2), abs=1e-3)
+    # tracked through TRL's own report_to, beside the online methods' runs
+    assert list((tmp_path / "tracking" / "policy_dpo").glob("events.out.tfevents.*"))
 
 
 def test_the_initial_evaluation_is_every_method_s_step_0_and_is_reused_not_repeated(tiny_cfg):

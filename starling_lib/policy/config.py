@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from starling_lib import tracking
 from starling_lib.training import TrainConfig
 
 METHODS = ("apa", "ppo", "p3o", "dpo")
@@ -196,12 +197,18 @@ class PolicyTrainConfig(TrainConfig):
     progress: bool = True
     """Show a progress bar over rollout batches."""
 
+    report_to: str = "tensorboard"
+    """Where the run's metrics go as it trains (starling_lib.tracking): "tensorboard" (event files
+    under output_dir/tracking/), "wandb", "mlflow" or any tracker accelerate knows (comma-separated
+    for several), "none". Needs output_dir; configure W&B or MLflow as those tools are."""
+
     # Fields that do not change the trained weights: a checkpoint may be resumed under new values.
     NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = (
-        "output_dir", "checkpoint_every", "keep_checkpoints", "resume", "save_policy", "progress",
+        "output_dir", "checkpoint_every", "keep_checkpoints", "resume", "save_policy", "progress", "report_to",
         "eval_every", "eval_prompts", "eval_samples", "eval_batch_size")
 
     def __post_init__(self):
+        tracking.check_report_to(self.report_to)
         self.check_choices(method=METHODS, kl_estimator=("k1", "k3"), score_norm=("none", "center", "whiten"),
                            rollout_engine=("auto", "fast", "hf"), p3o_variant=("joint", "ratio", "separate"))
         self.check_ranges(rollouts_per_step=(1, True), minibatch_size=(1, True), epochs_per_batch=(1, True),

@@ -25,6 +25,8 @@ The same `PolicyTrainConfig` as the online trainer, read as follows:
   prompts with the same seed, so its reward and KL compare like with like with the online methods.
   Evaluations happen before and after training only (TRL owns the loop).
 
+Tracking: TRL's own `report_to` (cfg.report_to), TensorBoard files in output_dir/tracking/policy_dpo
+under TRL's metric names (loss, rewards/margins, ...), not the online methods' policy/<method>/ keys.
 Checkpoints: with `checkpoint_every` and an `output_dir`, TRL's own checkpoints (output_dir/checkpoints)
 and `resume_from_checkpoint`; `stop_after` is not supported here.
 """
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from starling_lib import tracking
 from starling_lib.data import to_pairs, to_trl_preference
 from starling_lib.models import load_model_and_tokenizer, train_top_layers
 from starling_lib.policy.config import PolicyTrainConfig, PolicyTrainResult
@@ -92,7 +95,8 @@ def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_mode
         max_length=cfg.dpo_max_length or cfg.max_prompt_tokens + cfg.max_new_tokens,
         bf16=precision == "bf16", fp16=precision == "fp16", activation_checkpointing=False, use_cpu=use_cpu,
         logging_steps=1, save_strategy="steps" if cfg.checkpoint_every and cfg.output_dir else "no",
-        save_steps=max(1, cfg.checkpoint_every), save_total_limit=cfg.keep_checkpoints, report_to="none",
+        save_steps=max(1, cfg.checkpoint_every), save_total_limit=cfg.keep_checkpoints,
+        report_to=(tracking.tracker_names(cfg.report_to) if cfg.output_dir else None) or "none",
         seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not cfg.progress, dataloader_num_workers=0,
         # The reference is frozen: its log-probs of every pair once, before training, in batches of
         # eval_batch_size, not again in each of the epochs_per_batch epochs (and at 7B, no second
@@ -103,6 +107,9 @@ def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_mode
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train, processing_class=tokenizer)
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when tqdm is off
+    for callback in trainer.callback_handler.callbacks:   # TensorBoard files where the online methods' go
+        if type(callback).__name__ == "TensorBoardCallback":
+            callback.logging_dir = str(Path(cfg.output_dir) / tracking.TRACKING_DIR / "policy_dpo")
 
     if reward_model is None:
         reward_model = load_reward_model(cfg.reward_model, device=trainer.args.device,

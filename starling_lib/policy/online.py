@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from starling_lib import tracking
 from starling_lib.losses import kl_penalty, masked_mean
 from starling_lib.models import load_model_and_tokenizer
 from starling_lib.policy.config import PolicyTrainConfig, PolicyTrainResult
@@ -177,6 +178,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
         start_step, history, evals = resume_state["step"], resume_state["history"], resume_state["evals"]
         accelerator.print(f"resumed from {latest} at step {start_step}")
 
+    tracking.start(accelerator, f"policy_{method}", cfg.fingerprint())   # TensorBoard etc., as cfg.report_to says
     rank, n_proc = accelerator.process_index, accelerator.num_processes
     unit = cfg.samples_per_prompt                     # rows per training unit: a response, or P3O's pair
     units_per_minibatch = cfg.minibatch_size // n_proc // unit
@@ -194,6 +196,8 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
         if not any(r["step"] == step for r in evals):   # a run resumed at its end has this record already
             evals.append({"step": step, **{f"policy/{method}/eval_{k}": v for k, v in e.items()
                                            if k not in ("examples", "rewards")}})
+            tracking.log(accelerator, evals[-1], step)
+            tracking.log_samples(accelerator, f"policy/{method}/eval_samples", e["examples"], step)
         eval_details.append({"step": step, **e})
         eval_s += time.perf_counter() - t
 
@@ -280,6 +284,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
                   f"policy/{method}/elapsed_s": time.perf_counter() - t0 - eval_s,
                   **{f"policy/{method}/time_{k}_s": v for k, v in clock.laps.items()}}
         history.append(record)
+        tracking.log(accelerator, record, record["step"])
         bar.update(1)
         bar.set_postfix(reward=f"{record[f'policy/{method}/reward_mean']:.3f}", kl=f"{record[f'policy/{method}/kl']:.3f}")
 
@@ -301,6 +306,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
             save_policy(unwrapped.model, tokenizer, policy_dir,
                         {"method": method, "training": cfg.fingerprint(), "steps_done": end_step})
         accelerator.wait_for_everyone()
+    tracking.end(accelerator)
     return PolicyTrainResult(policy=unwrapped, tokenizer=tokenizer, history=history, evals=evals, wall_s=wall_s,
                              eval_s=eval_s, steps_run=end_step - start_step, config=cfg, policy_dir=policy_dir,
                              extra={"num_processes": n_proc,
