@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from starling_lib.data import END_OF_TURN
+from starling_lib.sampling import check_engine
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,7 @@ class DecodingConfig:
     model's generation config, as `generate` reads it) with other random numbers."""
 
     def __post_init__(self):
-        if self.engine not in ("auto", "fast", "hf"):
-            raise ValueError(f"engine must be auto, fast or hf, got {self.engine!r}")
+        check_engine(self.engine)
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, batch_size >= 1 and max_new_tokens >= 1; got "
                              f"{self.temperature}, {self.top_p}, {self.batch_size}, {self.max_new_tokens}")
@@ -117,7 +117,7 @@ def generate(model, tokenizer, prompts: Sequence[str], config: DecodingConfig = 
     """
     from tqdm.auto import tqdm
 
-    from starling_lib.sampling import sample, supports_fast_sampling
+    from starling_lib.sampling import sample, use_fast_sampling
 
     if not prompts:
         return []
@@ -130,9 +130,7 @@ def generate(model, tokenizer, prompts: Sequence[str], config: DecodingConfig = 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer)
     longest = max(len(e) for e in encoded) + config.max_new_tokens
-    fast = config.engine != "hf" and supports_fast_sampling(model, longest)
-    if config.engine == "fast" and not fast:
-        raise ValueError(f"engine='fast' does not support {type(model).__name__} here; use engine='hf' or 'auto'")
+    fast = use_fast_sampling(config.engine, model, longest)
     top_k = getattr(model.generation_config, "top_k", None)
     top_k = 50 if top_k is None else top_k            # what generate() samples with when the config is silent
 

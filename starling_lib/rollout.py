@@ -167,10 +167,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict]], max_new_tok
     layer s at every position as `batch.trunk`, so that the log-prob pass and the updates after it
     run only the layers from s up; `model.generate` cannot, and its batches have `trunk` None.
     """
-    from starling_lib.sampling import sample, supports_fast_sampling
+    from starling_lib.sampling import check_engine, sample, use_fast_sampling
 
-    if engine not in ("auto", "fast", "hf"):
-        raise ValueError(f"engine must be auto, fast or hf, got {engine!r}")
+    check_engine(engine)
     device = next(model.parameters()).device
     texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -180,11 +179,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict]], max_new_tok
     finally:
         tokenizer.padding_side = side
     stops = stop_token_ids(tokenizer)
-    fast = supports_fast_sampling(model, enc["input_ids"].shape[1] + max_new_tokens)
-    if engine == "fast" and not fast:
-        raise ValueError(f"engine='fast' does not support {type(model).__name__} here; use engine='hf' or 'auto'")
     trunk = None
-    if engine != "hf" and fast:
+    if use_fast_sampling(engine, model, enc["input_ids"].shape[1] + max_new_tokens):
         out = sample(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, stops, tokenizer.pad_token_id,
                      temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample, keep_trunk=keep_trunk)
         if keep_trunk is not None:

@@ -59,6 +59,25 @@ def supports_fast_sampling(model, total_length: int = 0) -> bool:
     return True
 
 
+ENGINES = ("auto", "fast", "hf")
+
+
+def check_engine(engine: str) -> None:
+    """Raise a ValueError unless `engine` is one of ENGINES."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be auto, fast or hf, got {engine!r}")
+
+
+def use_fast_sampling(engine: str, model, total_length: int) -> bool:
+    """Whether generation with `engine` ("fast", "hf" or "auto": fast where supported) runs `sample`
+    rather than `model.generate`; "fast" on a model `sample` cannot run is an error."""
+    check_engine(engine)
+    fast = engine != "hf" and supports_fast_sampling(model, total_length)
+    if engine == "fast" and not fast:
+        raise ValueError(f"engine='fast' does not support {type(model).__name__} here; use engine='hf' or 'auto'")
+    return fast
+
+
 def is_sharded(model) -> bool:
     """Whether FSDP (1 or 2) or DeepSpeed ZeRO-3 shards `model`'s parameters.
 
