@@ -224,9 +224,15 @@ class ChatClient:
                 failures += 1
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
-        """Seconds to wait before retry `failures + 1`: base * 2**failures * U(0.5, 1), at least the
-        server's Retry-After, at most backoff_max_s."""
-        wait = self.config.backoff_base_s * 2 ** failures * self._rng.uniform(0.5, 1.0)
-        if retry_after is not None:
-            wait = max(wait, retry_after)
-        return min(wait, self.config.backoff_max_s)
+        return backoff_seconds(failures, self.config.backoff_base_s, self.config.backoff_max_s, self._rng, retry_after)
+
+
+def backoff_seconds(failures: int, base_s: float, max_s: float, rng: np.random.Generator,
+                    retry_after: float | None = None) -> float:
+    """Seconds to wait before retry `failures + 1`: base_s * 2**failures * U(0.5, 1) (exponential
+    backoff with jitter, so that clients that failed together do not retry together), at least the
+    server's Retry-After, at most max_s. Shared with the reward-server client (reward_client)."""
+    wait = base_s * 2 ** failures * rng.uniform(0.5, 1.0)
+    if retry_after is not None:
+        wait = max(wait, retry_after)
+    return min(wait, max_s)

@@ -48,6 +48,7 @@ def _check_reward_model(params: Mapping[str, Any]) -> None:
 def _check_policy(params: Mapping[str, Any]) -> None:
     """Notebook 04: a PolicyTrainConfig per method, the evaluation cadence, a named reward model."""
     from starling_lib.policy.config import METHODS, PolicyTrainConfig
+    from starling_lib.reward_client import is_reward_server_url
 
     methods = [m.strip() for m in str(params.get("methods", "")).split(",") if m.strip()]
     if not methods:
@@ -60,9 +61,10 @@ def _check_policy(params: Mapping[str, Any]) -> None:
         raise ValueError(f"eval_every must be at least 1 (the methods are compared on the held-out evaluations); "
                          f"got {params['eval_every']!r}")
     reward_model = params.get("reward_model", "")
-    if reward_model and not Path(reward_model).is_dir():
+    if reward_model and not is_reward_server_url(reward_model) and not Path(reward_model).is_dir():
         raise ValueError(f"reward_model={reward_model!r} is not a folder (notebook 03 writes one to "
-                         f"<run_dir>/03_kwise_reward_training/reward_model; \"\" uses this run's)")
+                         f"<run_dir>/03_kwise_reward_training/reward_model; \"\" uses this run's) nor a reward "
+                         "server's http(s):// URL")
     for method in methods:
         config_from_params(PolicyTrainConfig, params, method=method, policy="<initial policy>",
                            reward_model=reward_model or "<notebook 03's>", save_policy=False)

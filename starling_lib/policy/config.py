@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from starling_lib import tracking
+from starling_lib.reward_client import check_server_url, is_reward_server_url
 from starling_lib.training import TrainConfig
 
 METHODS = ("apa", "ppo", "p3o", "dpo")
@@ -29,7 +30,8 @@ class PolicyTrainConfig(TrainConfig):
     a hub id such as "openchat/openchat_3.5", or a local from_pretrained folder."""
 
     reward_model: str = ""
-    """Folder of a reward model saved by notebook 03 / rm_train (`rm_io.load_reward_model`)."""
+    """Folder of a reward model saved by notebook 03 / rm_train (`rm_io.load_reward_model`), or the URL
+    of one served apart, "http://host:port" (starling_lib.reward_server; the client: reward_client)."""
 
     method: str = "apa"
     """"apa", "ppo", "p3o" (online, policy.online) or "dpo" (offline, TRL's DPOTrainer, policy.dpo)."""
@@ -209,6 +211,8 @@ class PolicyTrainConfig(TrainConfig):
 
     def __post_init__(self):
         tracking.check_report_to(self.report_to)
+        if is_reward_server_url(self.reward_model):
+            check_server_url(self.reward_model)   # a ValueError saying what is wrong with the URL
         self.check_choices(method=METHODS, kl_estimator=("k1", "k3"), score_norm=("none", "center", "whiten"),
                            rollout_engine=("auto", "fast", "hf"), p3o_variant=("joint", "ratio", "separate"))
         self.check_ranges(rollouts_per_step=(1, True), minibatch_size=(1, True), epochs_per_batch=(1, True),

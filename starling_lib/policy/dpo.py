@@ -46,7 +46,7 @@ from starling_lib.policy.config import PolicyTrainConfig, PolicyTrainResult
 from starling_lib.policy.evaluate import eval_settings, evaluate_policy, policy_with_reference
 from starling_lib.policy.io import save_policy
 from starling_lib.policy.prompts import load_prompts, nectar_split, prompt_fits, resolve_policy
-from starling_lib.rm_io import load_reward_model
+from starling_lib.reward_client import load_reward_scorer
 from starling_lib.training import mixed_precision
 
 
@@ -112,8 +112,8 @@ def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_mode
             callback.logging_dir = str(Path(cfg.output_dir) / tracking.TRACKING_DIR / "policy_dpo")
 
     if reward_model is None:
-        reward_model = load_reward_model(cfg.reward_model, device=trainer.args.device,
-                                         dtype=torch.bfloat16 if precision == "bf16" else None)
+        reward_model = load_reward_scorer(cfg.reward_model, device=trainer.args.device,
+                                          dtype=torch.bfloat16 if precision == "bf16" else None)
     _, eval_prompts = load_prompts(cfg, tokenizer)
     eval_kwargs = eval_settings(cfg)
     evals, eval_details, eval_s = [], [], 0.0

@@ -19,7 +19,7 @@ from starling_lib.losses import kl_penalty
 from starling_lib.models import default_device, load_model_and_tokenizer
 from starling_lib.policy.config import PolicyTrainConfig
 from starling_lib.policy.prompts import load_prompts, resolve_policy
-from starling_lib.rm_io import load_reward_model
+from starling_lib.reward_client import load_reward_scorer
 from starling_lib.rollout import SharedTrunkPolicy, generate
 
 
@@ -100,8 +100,8 @@ def evaluate_initial(cfg: PolicyTrainConfig, reward_model=None) -> dict[str, Any
     with torch.random.fork_rng(devices=[]):
         policy = SharedTrunkPolicy(model, cfg.unfrozen_layers, value_head=False)
     if reward_model is None:
-        reward_model = load_reward_model(cfg.reward_model, device=device,
-                                         dtype=torch.bfloat16 if device.type == "cuda" else None)
+        reward_model = load_reward_scorer(cfg.reward_model, device=device,
+                                          dtype=torch.bfloat16 if device.type == "cuda" else None)
     _, prompts = load_prompts(cfg, tokenizer)
     return evaluate_policy(policy, tokenizer, reward_model, prompts, **eval_settings(cfg))
 

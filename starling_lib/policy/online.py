@@ -58,9 +58,10 @@ from starling_lib.policy.evaluate import ended_with_stop, eval_settings, evaluat
 from starling_lib.policy.io import save_policy
 from starling_lib.policy.methods import ONLINE_METHODS, normalize_scores
 from starling_lib.policy.prompts import load_prompts, resolve_policy, step_prompts
-from starling_lib.rm_io import load_reward_model
+from starling_lib.reward_client import RemoteRewardModel, RewardServerError, load_reward_scorer
 from starling_lib.rollout import SharedTrunkPolicy, generate, iterate_minibatches
-from starling_lib.training import lr_lambda, make_accelerator, resume_point, save_checkpoint
+from starling_lib.training import (checkpoint_damage, checkpoints, lr_lambda, make_accelerator, resume_point,
+                                   save_checkpoint)
 
 
 def check_not_fsdp(accelerator) -> None:
@@ -132,6 +133,38 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank) % (2**31 - 1)
 
 
+def _score_rollouts(reward_model, prompts, responses, accelerator, cfg: PolicyTrainConfig, step: int,
+                    history: list, evals: list) -> torch.Tensor:
+    """The reward model's scores (B,) of this process's rollouts at `step` (0-based, not yet done).
+
+    A reward server (reward_client) that stays down through the client's retries stops the run on
+    every process together (one process stopping alone would leave the others waiting in the next
+    collective), after saving the last completed step as a checkpoint when output_dir is set and
+    it has none, so that running the same config again resumes there once the server is back.
+    """
+    if not isinstance(reward_model, RemoteRewardModel):
+        return reward_model.score(prompts, responses)
+    scores, error = None, None
+    try:
+        scores = reward_model.score(prompts, responses)
+    except RewardServerError as e:
+        error = e
+    failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), reduction="sum")
+    if not failed.item():
+        return scores
+    intact = [p for p in checkpoints(cfg.output_dir) if checkpoint_damage(p) is None] if cfg.output_dir else []
+    if cfg.output_dir and step > 0 and not any(p.name == f"step-{step:06d}" for p in intact):
+        # Nothing of this step has changed the weights yet: the checkpoint is the one the end of the last step would be.
+        save_checkpoint(accelerator, cfg, {"step": step, "config": cfg.fingerprint(), "history": history,
+                                           "evals": evals})
+        intact = [p for p in checkpoints(cfg.output_dir) if checkpoint_damage(p) is None]
+    resume = (f"running the same config again (resume=True) resumes from step {int(intact[-1].name[5:])} ({intact[-1]})"
+              if intact else "there is no checkpoint (no output_dir, or no step done): running again starts over")
+    reason = error or "another process could not reach the reward server"
+    raise RewardServerError(f"{reason}\nThe policy run stopped at step {step + 1} of {cfg.steps}; {resume} once the "
+                            "reward server answers again.") from error
+
+
 def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_model=None,
                  initial_eval: dict | None = None) -> PolicyTrainResult:
     """Tune the initial policy against the reward model with APA, PPO or P3O as `cfg` says;
@@ -162,8 +195,8 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
     with accelerator.main_process_first():  # the SFT warm-up / hub download, once
         policy, tokenizer = load_policy(cfg, device)
     if reward_model is None:
-        reward_model = load_reward_model(cfg.reward_model, device=device,
-                                         dtype=torch.bfloat16 if device.type == "cuda" else None)
+        reward_model = load_reward_scorer(cfg.reward_model, device=device,
+                                          dtype=torch.bfloat16 if device.type == "cuda" else None)
     train_prompts, eval_prompts = load_prompts(cfg, tokenizer)
 
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -219,7 +252,8 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
                              keep_trunk=unwrapped.split if cfg.cache_trunk else None)
         clock.lap("generate")
         b_mask = batch.response_mask
-        b_scores = reward_model.score(b_prompts, [r.strip() for r in batch.responses]).to(device)   # (B,)
+        b_scores = _score_rollouts(reward_model, b_prompts, [r.strip() for r in batch.responses], accelerator, cfg,
+                                   step, history, evals).to(device)   # (B,)
         clock.lap("score")
         # The frozen trunk's output (B, T, H) is the same in this pass and every update below: the
         # sampler kept it while generating (batch.trunk), or this pass computes it once (the hf engine).
