@@ -7,7 +7,8 @@ run from the shared plumbing to the stages, never back):
   explore       tables behind notebook 01 (Nectar statistics)
   llm_client, jsonl_cache   the OpenAI-compatible chat client; the JSONL cache of paid judgments
   bias, judge, simulated_judge   GPT-4's positional bias (notebook 02); the 7-wise ranking judge
-  rm_layout, reward_model, rm_io, rm_eval, rm_train, rm_report   the K-wise reward model (notebook 03)
+  rm_layout, reward_model, released_rm, rm_io, rm_eval, rm_train, rm_report   the K-wise reward
+                model (notebook 03), and the authors' released ones loaded as their cards do
   chat, sampling, rollout, sft   chat formats; rollouts with a shared-trunk reference; the warm-up SFT
   policy        stage 04 as a package: APA, PPO, P3O online and DPO offline (notebook 04)
   mtbench, alpaca   MT-Bench and AlpacaEval (notebook 05)

@@ -387,16 +387,65 @@ def quiet_transformers():
 # checkpoint's: ChatML for SmolLM2, OpenChat-3.5's for Openchat/Starling-LM, Llama-2's [INST] for a
 # Llama-2 chat body; OpenChat-3.5's when the checkpoint ships none); "openchat_3.5" forces
 # OpenChat-3.5's format whatever the checkpoint ships (what reward models saved before the format
-# was recorded were trained on).
-CHAT_FORMATS = ("auto", "openchat_3.5")
+# was recorded were trained on); "starling_rm_7b" and "starling_rm_34b" are the texts the model
+# cards of the released Starling reward models feed them (starling_lib/released_rm.py).
+CHAT_FORMATS = ("auto", "openchat_3.5", "starling_rm_7b", "starling_rm_34b")
+
+# Starling-RM-7B-alpha's card (berkeley-nest/Starling-RM-7B-alpha, "Inference over test prompts with
+# llama2 chat template"): "<s>[INST] Hello? </s> [/INST] Hi, how can I help you?</s>", i.e.
+# "<s>[INST] {prompt} </s> [/INST] {answer}</s>", contents as they are (not stripped). The card shows
+# one exchange; a longer chat repeats that unit per exchange (ours: the card has no multi-turn example).
+# Only user and assistant turns: the card's format has no place for a system prompt.
+STARLING_RM_7B_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<s>[INST] ' + message['content'] + ' </s> [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + '</s>' }}"
+    "{% else %}{{ raise_exception('the Starling-RM-7B-alpha format has user and assistant turns only, not '"
+    " + message['role']) }}"
+    "{% endif %}{% endfor %}"
+)
+# Starling-RM-34B's card (Nexusflow/Starling-RM-34B, "Yi chat template"):
+# "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>": ChatML turns
+# joined by a newline, with none after the last one, so the last token is the answer's <|im_end|>.
+STARLING_RM_34B_TEMPLATE = (
+    "{% for message in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n<|im_start|>assistant\\n' }}{% endif %}"
+)
+_CARD_TEMPLATES = {"starling_rm_7b": STARLING_RM_7B_TEMPLATE, "starling_rm_34b": STARLING_RM_34B_TEMPLATE}
+
+
+def added_prefix(tokenizer) -> str:
+    """The text of the special tokens `tokenizer(text)` puts before any text by itself ("<s>" for
+    Llama-2's tokenizer, "" for one that adds none). Raises if it also appends tokens after the text."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    if start is None or start + len(plain) != len(full):
+        raise NotImplementedError(f"the tokenizer {tokenizer.name_or_path!r} adds tokens after the text by itself "
+                                  f"({full} for {plain}); only tokens put before it are supported")
+    prefix = "".join(tokenizer.convert_ids_to_tokens(full[:start]))
+    if tokenizer(prefix, add_special_tokens=False)["input_ids"] != full[:start]:
+        raise ValueError(f"the tokens {tokenizer.name_or_path!r} puts before the text, {full[:start]}, do not read "
+                         f"back from their text {prefix!r}")
+    return prefix
 
 
 def apply_chat_format(tokenizer, chat_format: str):
-    """Set the tokenizer's chat template for `chat_format` (see CHAT_FORMATS). Returns it."""
+    """Set the tokenizer's chat template for `chat_format` (see CHAT_FORMATS). Returns it.
+
+    The card formats start with the special tokens the tokenizer adds by itself (`added_prefix`):
+    the cards tokenize with `tokenizer(text)`, which adds them, while this project tokenizes rendered
+    chats with `add_special_tokens=False`; so the model reads the same token ids (for Llama-2's
+    tokenizer two BOS tokens, its own and the "<s>" the card writes).
+    """
     if chat_format not in CHAT_FORMATS:
         raise ValueError(f"chat_format must be one of {', '.join(CHAT_FORMATS)}; got {chat_format!r}")
     if chat_format == "openchat_3.5":
         tokenizer.chat_template = OPENCHAT_TEMPLATE
+    elif chat_format in _CARD_TEMPLATES:
+        prefix = added_prefix(tokenizer)
+        tokenizer.chat_template = ("{% raw %}" + prefix + "{% endraw %}" if prefix else "") + _CARD_TEMPLATES[chat_format]
     return tokenizer
 
 

@@ -3,13 +3,15 @@
     metrics = rm_metrics(result, heldout=heldout, by_length=by_length, benchmarks=benchmarks,
                          benchmarks_by_length=benchmarks_by_length, theory=theory, truncated_share=share,
                          length_corr=length_corr, other=other, other_heldout=other_heldout,
-                         baseline=baseline, baseline_heldout=baseline_heldout, baseline_benchmarks=baseline_benchmarks)
+                         baseline=baseline, baseline_heldout=baseline_heldout, baseline_benchmarks=baseline_benchmarks,
+                         released=released_reward_model, released_benchmarks=released_benchmarks)
     runs.write_metrics(out_dir, metrics, params)
 
 The inputs are what the library's functions return: the trainer's `RMTrainResult`s
 (`rm_train.train_reward_model`, `train_pairwise_baseline`), held-out ranking metrics
 (`rm_eval.evaluate_rankings`, `rm_eval.length_correlation`), benchmark tables
-(`rm_eval.evaluate_benchmarks`) and the theory check's table (`rm_eval.simulate_pl_estimation`).
+(`rm_eval.evaluate_benchmarks`) and the theory check's table (`rm_eval.simulate_pl_estimation`);
+a released Starling reward model's benchmark table (`rm_io.load_reward_model` of its hub id) too.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def rm_metrics(result: RMTrainResult, *, heldout: Mapping[str, float], by_length
                benchmarks, benchmarks_by_length, theory, truncated_share: float,
                length_corr: Mapping[str, float] | None = None, other: RMTrainResult | None = None,
                other_heldout: Mapping[str, float] | None = None, baseline: RMTrainResult | None = None,
-               baseline_heldout: Mapping[str, float] | None = None, baseline_benchmarks=None) -> dict[str, Any]:
+               baseline_heldout: Mapping[str, float] | None = None, baseline_benchmarks=None,
+               released: str = "", released_benchmarks=None) -> dict[str, Any]:
     """The metrics of notebook 03, keys `rm/...`.
 
     result:          the K-wise trainer's run (its config gives backbone, loss and k)
@@ -62,12 +65,16 @@ def rm_metrics(result: RMTrainResult, *, heldout: Mapping[str, float], by_length
                      (both or none; keys `rm/other_loss/...`)
     baseline, baseline_heldout, baseline_benchmarks: TRL's pairwise run and its evaluations (all three
                      or none; their keys are `rm/baseline/...`)
+    released, released_benchmarks: a released reward model's id and its `evaluate_benchmarks` table
+                     (both or none; keys `rm/released/...`)
     """
     given = [x is not None for x in (baseline, baseline_heldout, baseline_benchmarks)]
     if any(given) and not all(given):
         raise ValueError("give baseline, baseline_heldout and baseline_benchmarks together, or none of them")
     if (other is None) != (other_heldout is None):
         raise ValueError("give other and other_heldout together, or neither")
+    if bool(released) != (released_benchmarks is not None):
+        raise ValueError("give released and released_benchmarks together, or neither")
     cfg = result.config
     at_max_n = theory[theory["n"] == theory["n"].max()].groupby("estimator")["error"].mean()
     curve = [{"step": h["step"], "rm/heldout_pair_accuracy": h["rm/heldout_pair_accuracy"]}
@@ -106,4 +113,6 @@ def rm_metrics(result: RMTrainResult, *, heldout: Mapping[str, float], by_length
             "rm/baseline/s_per_step_ratio": (baseline.wall_s / baseline.steps_run) / _per_step(result),
             **_benchmarks("rm/baseline", baseline_benchmarks),
         })
+    if released:
+        metrics.update({"rm/released/model": released, **_benchmarks("rm/released", released_benchmarks)})
     return metrics

@@ -1,10 +1,14 @@
-"""Notebook 03 executed end to end through papermill with very small settings."""
+"""Notebook 03 executed end to end through papermill with very small settings, with a stand-in of
+Starling-RM-7B-alpha (tests/released_rm_fakes.py) scored beside it from a local hub cache, offline."""
 
 import json
 
 import nbformat
 import pytest
 import torch
+
+from hub_caches import put_hf
+from released_rm_fakes import files, llama2_base, rm_7b_alpha
 
 from starling_lib.rm_io import load_reward_model, reward_model_dir
 
@@ -18,7 +22,11 @@ SMALL = {"max_prompts": 60, "k": 4, "steps": 4, "batch_size": 2, "micro_batch_si
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory, run_notebook):
     tmp = tmp_path_factory.mktemp("nb03")
-    out, metrics = run_notebook(STEM, tmp, SMALL)
+    base = llama2_base(tmp / "llama2")
+    put_hf(tmp / "hub", "meta-llama/Llama-2-7b-chat-hf", files(base), "model")
+    put_hf(tmp / "hub", "berkeley-nest/Starling-RM-7B-alpha", files(rm_7b_alpha(tmp / "rm7", base)), "model")
+    out, metrics = run_notebook(STEM, tmp, {**SMALL, "released_reward_model": "berkeley-nest/Starling-RM-7B-alpha"},
+                                env={"HF_HUB_CACHE": str(tmp / "hub"), "HF_HUB_OFFLINE": "1"})
     return tmp, out, metrics
 
 
@@ -31,6 +39,9 @@ def test_metrics(executed):
     assert -1.0 <= m["rm/heldout_kendall_tau"] <= 1.0
     assert m["rm/heldout_top1_chance"] == pytest.approx(1 / 7)    # held-out prompts are scored on all 7 answers
     assert {f"rm/benchmark/{b}" for b in ("human_preference", "truthfulness", "safety", "verbosity")} <= set(m)
+    assert m["rm/released/model"] == "berkeley-nest/Starling-RM-7B-alpha"
+    assert all(0.0 <= m[f"rm/released/benchmark/{b}"] <= 1.0
+               for b in ("human_preference", "truthfulness", "safety", "verbosity"))
     assert [p["step"] for p in m["rm/heldout_curve"]] == [2, 4]
     assert m["rm/baseline/s_per_step_ratio"] > 0 and m["rm/theory/kwise_error_at_max_n"] > 0
 
