@@ -74,9 +74,10 @@ def _check_policy(params: Mapping[str, Any]) -> None:
 
 
 def _check_evaluation(params: Mapping[str, Any]) -> None:
-    """Notebook 05: the AlpacaEval settings (the MT-Bench ones are checked as the notebook loads its models)."""
+    """Notebook 05: the AlpacaEval and MMLU settings (the MT-Bench ones are checked as the notebook loads its models)."""
     from starling_lib.alpaca import BUNDLED_OUTPUTS
     from starling_lib.length_control import GLMS
+    from starling_lib.mmlu import TASKS
 
     baselines = [b for b in BUNDLED_OUTPUTS if b != "Starling-LM-7B-alpha"]
     if params.get("alpaca_baseline", baselines[0]) not in baselines:
@@ -84,9 +85,11 @@ def _check_evaluation(params: Mapping[str, Any]) -> None:
                          f"got {params['alpaca_baseline']!r}")
     if params.get("alpaca_lc_glm", "auto") not in GLMS:
         raise ValueError(f"alpaca_lc_glm must be one of {', '.join(GLMS)}; got {params['alpaca_lc_glm']!r}")
-    for name in ("alpaca_instructions", "alpaca_lc_bootstrap", "alpaca_max_chars"):
+    for name in ("alpaca_instructions", "alpaca_lc_bootstrap", "alpaca_max_chars", "mmlu_fewshot", "mmlu_limit"):
         if params.get(name, 0) < 0:
             raise ValueError(f"{name} must be at least 0; got {params[name]!r}")
+    if params.get("mmlu_task", "") not in ("", *TASKS):
+        raise ValueError(f"mmlu_task must be one of {', '.join(map(repr, TASKS))} or \"\" (skip); got {params['mmlu_task']!r}")
 
 
 CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {

@@ -53,9 +53,22 @@ def test_every_model_gets_an_mt_bench_score(run):
     assert m["params/max_new_tokens"] == 8 and all("/" in k for k in m)
 
 
+def test_mmlu_runs_on_the_bundled_task_through_lm_eval(run):
+    m = json.loads((run / STAGE / "metrics.json").read_text())
+    assert (m["eval/mmlu/task"], m["eval/mmlu/lm_eval_task"], m["eval/mmlu/num_fewshot"]) == ("local", "mmlu_local", 5)
+    assert m["eval/mmlu/chat_template"] is False and m["eval/mmlu/lm_eval_version"].startswith("0.4.13")
+    for model in ["tiny", "apa"]:
+        assert 0 <= m[f"eval/mmlu/{model}"] <= 1 and m[f"eval/mmlu/{model}/n"] == 20
+        assert m[f"eval/mmlu/{model}/se"] > 0 and m[f"eval/mmlu/{model}/ci95_low"] <= m[f"eval/mmlu/{model}"]
+        assert set(m["eval/mmlu_by_subject"][model]) == {"geography", "elementary_mathematics", "astronomy", "biology"}
+    executed = nbformat.read(run / f"{STAGE}.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "4. MMLU, local task (20 questions, 5-shot" in printed and "apa minus tiny, paired by question" in printed
+
+
 def test_figures_caches_and_executed_notebook(run):
     figures = sorted(p.name for p in (run / STAGE / "figures").glob("*.png"))
-    assert figures == ["alpaca_eval.png", "mt_bench_by_category.png", "mt_bench_vs_published.png",
+    assert figures == ["alpaca_eval.png", "mmlu.png", "mt_bench_by_category.png", "mt_bench_vs_published.png",
                        "rating_distribution.png"]
     cache = run / STAGE / "cache"
     answers = [json.loads(line) for line in (cache / "answers.jsonl").read_text().splitlines() if line]
@@ -66,4 +79,4 @@ def test_figures_caches_and_executed_notebook(run):
     executed = nbformat.read(run / f"{STAGE}.ipynb", as_version=4)
     images = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
-    assert len(images) >= 4
+    assert len(images) >= 5
