@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from starling_lib import hub
 from starling_lib.runs import config_from_params
 
 
@@ -61,13 +62,15 @@ def _check_policy(params: Mapping[str, Any]) -> None:
         raise ValueError(f"eval_every must be at least 1 (the methods are compared on the held-out evaluations); "
                          f"got {params['eval_every']!r}")
     reward_model = params.get("reward_model", "")
-    if reward_model and not is_reward_server_url(reward_model) and not Path(reward_model).is_dir():
+    if (reward_model and not is_reward_server_url(reward_model) and not Path(reward_model).is_dir()
+            and hub.parse(reward_model) is None):
         raise ValueError(f"reward_model={reward_model!r} is not a folder (notebook 03 writes one to "
-                         f"<run_dir>/03_kwise_reward_training/reward_model; \"\" uses this run's) nor a reward "
-                         "server's http(s):// URL")
-    for method in methods:
+                         f"<run_dir>/03_kwise_reward_training/reward_model; \"\" uses this run's), a released "
+                         "reward model's hub id (berkeley-nest/Starling-RM-7B-alpha) nor a reward server's http(s):// URL")
+    for method in methods:   # as the notebook builds them: each method writes under training/<method>
         config_from_params(PolicyTrainConfig, params, method=method, policy="<initial policy>",
-                           reward_model=reward_model or "<notebook 03's>", save_policy=False)
+                           reward_model=reward_model or "<notebook 03's>", save_policy=False,
+                           output_dir=f"<run_dir>/04_policy_tuning/training/{method}")
     for name, low in (("sft_steps", 1), ("rm_fallback_steps", 1)):
         if name in params and params[name] < low:
             raise ValueError(f"{name} must be at least {low}; got {params[name]!r}")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 STEM = "04_policy_tuning"
 SMALL = {"steps": 2, "rollouts_per_step": 4, "minibatch_size": 2, "micro_batch_size": 2, "max_new_tokens": 8,
          "max_prompt_tokens": 48, "eval_every": 1, "eval_samples": 1, "eval_prompts": 3, "sft_steps": 4,
-         "rm_fallback_steps": 2, "device": "cpu"}
+         "rm_fallback_steps": 2, "checkpoint_every": 1, "device": "cpu"}
 METHODS = ["apa", "ppo", "p3o", "dpo"]
 
 
@@ -67,6 +67,9 @@ def test_figures_policies_and_messages(executed):
     specs = resolve_models("", "", str(tmp / "run"))          # what notebook 05 will evaluate
     assert sorted(specs) == sorted(["initial", *METHODS])
     assert (tmp / "run" / "03_kwise_reward_training" / "reward_model" / "reward_model.json").exists()
+    for method in ["apa", "ppo", "p3o"]:   # checkpoint_every: each method's own folder, the newest two kept
+        saved = sorted(p.name for p in (tmp / "run" / STEM / "training" / method / "checkpoints").iterdir())
+        assert saved == ["step-000001", "step-000002"]
     nb = nbformat.read(tmp / f"{STEM}.ipynb", as_version=4)
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     assert not any(o.get("output_type") == "error" for o in outputs)
