@@ -229,6 +229,19 @@ def test_normalize_scores():
     assert torch.equal(normalize_scores(s, "none"), s)
     assert torch.allclose(normalize_scores(s, "center"), torch.tensor([-2.0, -1.0, 3.0]))
     assert torch.allclose(normalize_scores(s, "whiten"), torch.tensor([-2.0, -1.0, 3.0]) / s.std())
+    pairs = torch.tensor([1.0, 3.0, 2.0, 6.0])          # two prompts, two responses each: means 2 and 4
+    assert torch.allclose(normalize_scores(pairs, "prompt", 2), torch.tensor([-1.0, 1.0, -2.0, 2.0]))
+
+
+def test_responses_per_prompt_groups_rows_and_is_checked(tiny_cfg):
+    prompts = [f"p{i}" for i in range(10)]
+    cfg = dataclasses.replace(tiny_cfg, responses_per_prompt=2, score_norm="prompt")
+    rows = step_prompts(3, prompts, cfg)
+    assert len(rows) == 4 and rows[0] == rows[1] and rows[2] == rows[3] and rows[0] != rows[2]
+    with pytest.raises(ValueError, match="multiples of it"):
+        dataclasses.replace(tiny_cfg, responses_per_prompt=3)
+    with pytest.raises(ValueError, match="responses_per_prompt >= 2"):
+        dataclasses.replace(tiny_cfg, score_norm="prompt")
 
 
 def test_reward_gain_is_paired_by_prompt():
@@ -327,8 +340,8 @@ def warm_policy():
     return str(sft_policy_path(cfg=SFTConfig(steps=60), progress=False))
 
 
-@pytest.mark.parametrize("method", ["apa", "ppo", "p3o"])
-def test_each_online_method_raises_a_learnable_reward(tiny_cfg, warm_policy, method):
+@pytest.mark.parametrize("method,group", [("apa", 1), ("ppo", 1), ("p3o", 1), ("apa", 4)])
+def test_each_online_method_raises_a_learnable_reward(tiny_cfg, warm_policy, method, group):
     # 32 rollouts a step in minibatches of 16 (the APA authors sample 64-128 a step, minibatches of 8-16)
     # and 32 samples on each of 32 held-out prompts. With 16 rollouts and 16 x 16 samples, APA's seed 0
     # passed on one machine and failed on another (gain 0.11 +- 0.06 on an AMD EPYC); with 8 and 8 every
@@ -336,7 +349,8 @@ def test_each_online_method_raises_a_learnable_reward(tiny_cfg, warm_policy, met
     # PPO +0.19/+0.12/+0.13, P3O +0.14/+0.17/+0.12, s.e. 0.02-0.05.
     cfg = dataclasses.replace(tiny_cfg, policy=warm_policy, method=method, reward_model="", steps=16, rollouts_per_step=32,
                               minibatch_size=16, micro_batch_size=4, max_new_tokens=2, lr=3e-3, beta=0.0,
-                              eval_every=16, eval_prompts=32, eval_samples=32)
+                              eval_every=16, eval_prompts=32, eval_samples=32, responses_per_prompt=group,
+                              score_norm="prompt" if group > 1 else "center")   # group 4: 8 prompts x 4, each its baseline
     result = train_policy(cfg, reward_model=LetterReward())
     before, after = result.eval_details[0], result.eval_details[-1]
     assert (before["step"], after["step"]) == (0, 16)

@@ -53,8 +53,15 @@ class PolicyTrainConfig(TrainConfig):
     """Optimisation steps: each samples `rollouts_per_step` responses and trains on them."""
 
     rollouts_per_step: int = 8
-    """Responses sampled per step over all processes. APA/PPO: one per prompt; P3O: two per prompt
-    for half as many prompts, so every method generates the same number of responses. Starling: 64."""
+    """Responses sampled per step over all processes. APA/PPO: `responses_per_prompt` per prompt
+    (one by default); P3O: two per prompt for half as many prompts, so every method generates the
+    same number of responses. Starling: 64."""
+
+    responses_per_prompt: int = 1
+    """APA and PPO: responses sampled per prompt in a rollout batch (P3O always samples a pair).
+    With more than one, `score_norm="prompt"` can take each prompt's mean score as the baseline.
+    Ours; Starling: 1. rollouts_per_step, minibatch_size and micro_batch_size must be multiples of
+    it: a prompt's responses are updated together."""
 
     minibatch_size: int = 4
     """Responses per optimizer step over all processes: ceil(rollouts_per_step / minibatch_size)
@@ -113,8 +120,10 @@ class PolicyTrainConfig(TrainConfig):
     score_norm: str = "center"
     """What the RM scores go through before they become rewards: "none"; "center" (subtract the
     rollout batch's mean: a baseline, so the critic that starts at zero is not off by the reward
-    model's offset); "whiten" (also divide by the batch's standard deviation). Ours; P3O only
-    sees score differences, so "center" changes nothing there."""
+    model's offset); "whiten" (also divide by the batch's standard deviation); "prompt" (subtract
+    the mean of the prompt's own responses, `responses_per_prompt` of them: the baseline of RLOO
+    and GRPO, which removes how hard the prompt is from the advantage). Ours; P3O only sees
+    score differences within a pair, so none of them changes anything there."""
 
     beta: float = 0.05
     """KL penalty coefficient of PPO's per-token reward and of P3O's per-response reward (APA has none)."""
@@ -213,9 +222,10 @@ class PolicyTrainConfig(TrainConfig):
         tracking.check_report_to(self.report_to)
         if is_reward_server_url(self.reward_model):
             check_server_url(self.reward_model)   # a ValueError saying what is wrong with the URL
-        self.check_choices(method=METHODS, kl_estimator=("k1", "k3"), score_norm=("none", "center", "whiten"),
+        self.check_choices(method=METHODS, kl_estimator=("k1", "k3"), score_norm=("none", "center", "whiten", "prompt"),
                            rollout_engine=("auto", "fast", "hf"), p3o_variant=("joint", "ratio", "separate"))
         self.check_ranges(rollouts_per_step=(1, True), minibatch_size=(1, True), epochs_per_batch=(1, True),
+                          responses_per_prompt=(1, True),
                           max_new_tokens=(1, True), max_prompt_tokens=(1, True), eval_samples=(1, True),
                           eval_batch_size=(1, True), lam=(0.0, False), beta=(0.0, True), clip_eps=(0.0, False),
                           dpo_beta=(0.0, False), temperature=(0.0, True), p3o_ratio_clip=(1.0, True))
@@ -225,11 +235,20 @@ class PolicyTrainConfig(TrainConfig):
         if self.method == "p3o" and (self.rollouts_per_step % 2 or self.minibatch_size % 2 or self.micro_batch_size % 2):
             raise ValueError("P3O trains on pairs of responses: rollouts_per_step, minibatch_size and "
                              "micro_batch_size must be even")
+        k = self.samples_per_prompt
+        if k > 1 and self.method != "p3o" and (self.rollouts_per_step % k or self.minibatch_size % k
+                                               or self.micro_batch_size % k):
+            raise ValueError(f"responses_per_prompt={k}: rollouts_per_step={self.rollouts_per_step}, minibatch_size="
+                             f"{self.minibatch_size} and micro_batch_size={self.micro_batch_size} must be multiples of "
+                             "it (a prompt's responses are updated together)")
+        if self.score_norm == "prompt" and k < 2:
+            raise ValueError(f'score_norm="prompt" takes each prompt\'s mean score as the baseline: it needs '
+                             f"responses_per_prompt >= 2 (got {self.responses_per_prompt}) or method p3o")
 
     @property
     def samples_per_prompt(self) -> int:
-        """Responses per prompt in a rollout batch: 2 for P3O (a pair), else 1."""
-        return 2 if self.method == "p3o" else 1
+        """Responses per prompt in a rollout batch: 2 for P3O (a pair), else `responses_per_prompt`."""
+        return 2 if self.method == "p3o" else self.responses_per_prompt
 
     @property
     def optimizer_steps_per_step(self) -> int:

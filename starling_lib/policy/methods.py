@@ -62,11 +62,15 @@ from starling_lib.rollout import per_token_rewards
 Tensors = dict[str, torch.Tensor]
 
 
-def normalize_scores(scores: torch.Tensor, kind: str) -> torch.Tensor:
+def normalize_scores(scores: torch.Tensor, kind: str, group: int = 1) -> torch.Tensor:
     """Reward-model scores (B,) of one rollout batch: as they are ("none"), minus their mean
-    ("center"), or standardised ("whiten")."""
+    ("center"), standardised ("whiten"), or minus the mean of their prompt's `group` responses
+    ("prompt"; the batch holds each prompt's responses in consecutive rows)."""
     if kind == "none":
         return scores
+    if kind == "prompt":
+        b_groups = scores.view(-1, group)                                   # (prompts, group)
+        return (b_groups - b_groups.mean(1, keepdim=True)).flatten()
     centered = scores - scores.mean()
     if kind == "center":
         return centered

@@ -88,7 +88,8 @@ def policy_accelerator(cfg: PolicyTrainConfig):
     n, unit = accelerator.num_processes, cfg.samples_per_prompt
     if cfg.rollouts_per_step % (n * unit) or cfg.minibatch_size % (n * unit):
         raise ValueError(f"rollouts_per_step={cfg.rollouts_per_step} and minibatch_size={cfg.minibatch_size} must "
-                         f"split evenly into {n} process(es)" + (" (in pairs, for P3O)" if unit == 2 else ""))
+                         f"split evenly into {n} process(es)" + (f" in whole prompts ({unit} responses each)"
+                                                                  if unit > 1 else ""))
     return accelerator
 
 
@@ -213,7 +214,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
 
     tracking.start(accelerator, f"policy_{method}", cfg.fingerprint())   # TensorBoard etc., as cfg.report_to says
     rank, n_proc = accelerator.process_index, accelerator.num_processes
-    unit = cfg.samples_per_prompt                     # rows per training unit: a response, or P3O's pair
+    unit = cfg.samples_per_prompt                     # rows per training unit: a prompt's responses (P3O: its pair)
     units_per_minibatch = cfg.minibatch_size // n_proc // unit
     units_per_micro = cfg.micro_batch_size // unit
     eval_s, eval_details = 0.0, []
@@ -274,7 +275,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
 
         # ---- 2. the method's targets; b holds what the losses read, one row per response
         b = {"mask": b_mask, "old_logprobs": b_old_logprobs, "ref_logprobs": b_ref_logprobs, "kl": b_kl,
-             "scores": normalize_scores(b_scores, cfg.score_norm)}
+             "scores": normalize_scores(b_scores, cfg.score_norm, cfg.samples_per_prompt)}
         if algo.critic:
             b["values"] = torch.cat([o["values"] for o in outs]) * b_mask
         b_targets, b_target_stats = algo.targets(cfg, b)

@@ -61,7 +61,8 @@ def load_prompts(cfg: PolicyTrainConfig, tokenizer) -> tuple[list[list[dict]], l
 
 
 def step_prompts(step: int, prompts: Sequence, cfg: PolicyTrainConfig, rank: int = 0, num_processes: int = 1) -> list:
-    """This process's prompts of step `step`, each repeated `samples_per_prompt` times (P3O: [a, a, b, b, ...])."""
+    """This process's prompts of step `step`, each repeated `samples_per_prompt` times in consecutive
+    rows ([a, a, b, b, ...]: P3O's pairs, or responses_per_prompt > 1)."""
     per_step = cfg.rollouts_per_step // cfg.samples_per_prompt
     idx = batch_indices(step, per_step, len(prompts), cfg.seed)
     share = per_step // num_processes
