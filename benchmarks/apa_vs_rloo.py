@@ -61,6 +61,14 @@ completion length, and APA's tokens/s over RLOO's.
 
     python -m benchmarks.apa_vs_rloo                    # the full measurement (idle machine!)
     python -m benchmarks.apa_vs_rloo --steps 2 --new-tokens 16   # a quick check that it runs
+
+The APA step with each rollout engine (starling_lib.engines): `--apa-engines auto,hf,vllm` runs
+our side once per engine (vllm where it is installed: on a CPU run this with .venv-vllm/bin/python,
+after make vllm-env), `--no-rloo` leaves TRL out. With vllm the step's generate phase is vLLM's,
+and its update phase includes pushing the trained layers into the engine; the warm-up step, which
+creates the engine, is reported apart as first_step_s.
+
+    .venv-vllm/bin/python -m benchmarks.apa_vs_rloo --apa-engines auto,vllm --no-rloo --name apa_engines_cpu
 """
 
 from __future__ import annotations
@@ -99,7 +107,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learning rate of both trainers (TRL's default; it does not change the cost; default 1e-6)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads; 0 leaves torch's default (OMP_NUM_THREADS, else all cores)")
+    p.add_argument("--apa-engines", default="auto",
+                   help="comma-separated rollout engines of our APA side, one run each (default auto)")
+    p.add_argument("--no-rloo", action="store_true", help="run only our APA side")
+    p.add_argument("--name", default="apa_vs_rloo", help="results/<name>.json")
     args = p.parse_args(argv)
+    from starling_lib.sampling import check_engine
+    args.apa_engines = [e.strip() for e in args.apa_engines.split(",")]
+    for engine in args.apa_engines:
+        try:
+            check_engine(engine)
+        except ValueError as e:
+            p.error(str(e))
     if args.steps < 1 or args.generations < 2 or args.prompts < 1 or args.new_tokens < 1:
         p.error("need --steps >= 1, --generations >= 2 (RLOO's leave-one-out), --prompts >= 1, --new-tokens >= 1")
     if not 0 < args.trainable < args.layers:
@@ -174,8 +193,10 @@ def build_shared_reward_model(backbone: Path, out_dir: Path):
 # the two trainers
 
 
-def run_apa(args, policy_path: Path, rm_path: Path, nectar_file: Path, prompts: list[dict]) -> dict:
-    """Our APA step through `train_policy`; per-step times from its `policy/apa/elapsed_s`."""
+def run_apa(args, policy_path: Path, rm_path: Path, nectar_file: Path, prompts: list[dict],
+            engine: str = "auto") -> dict:
+    """Our APA step through `train_policy` with rollout engine `engine`; per-step times from its
+    `policy/apa/elapsed_s`."""
     from starling_lib.models import load_model_and_tokenizer
     from starling_lib.policy import PolicyTrainConfig, load_prompts, train_policy
 
@@ -186,7 +207,7 @@ def run_apa(args, policy_path: Path, rm_path: Path, nectar_file: Path, prompts: 
                             micro_batch_size=batch, epochs_per_batch=1, max_new_tokens=args.new_tokens,
                             temperature=1.0, top_p=1.0, lr=args.lr, lr_schedule="constant", max_grad_norm=1.0,
                             unfrozen_layers=args.trainable, device="cpu", mixed_precision="no", seed=POLICY_SEED,
-                            eval_every=0, output_dir="", progress=False)
+                            eval_every=0, output_dir="", progress=False, rollout_engine=engine)
     # Every step must answer exactly these prompts: all of them in the training split, none held out.
     _, tokenizer = load_model_and_tokenizer(str(policy_path), device="cpu")
     train, _ = load_prompts(cfg, tokenizer)
@@ -200,7 +221,7 @@ def run_apa(args, policy_path: Path, rm_path: Path, nectar_file: Path, prompts: 
     # Where the step's time goes: the trainer's own per-phase clock (policy/apa/time_<phase>_s).
     phases = {k.split("time_")[1][:-2]: [r[k] for r in result.history[1:]]
               for k in result.history[0] if k.startswith("policy/apa/time_")}
-    return {"times": times, "tokens": tokens, "phases": phases}
+    return {"times": times, "tokens": tokens, "phases": phases, "first_step_s": elapsed[0]}
 
 
 def run_rloo(args, policy_path: Path, seqcls, rm_tokenizer, prompts: list[dict], out_dir: Path) -> dict:
@@ -273,7 +294,8 @@ def summarise(name: str, run: dict, completions_per_step: int) -> dict:
     return {"trainer": name, "s_per_step": s_per_step, "completion_tokens_per_s": mean_tokens / s_per_step,
             "mean_completion_len": mean_tokens / completions_per_step, "timed_steps": len(run["times"]),
             "min_s": min(run["times"]), "max_s": max(run["times"]),
-            **{f"{phase}_s": statistics.median(v) for phase, v in run["phases"].items()}}
+            **{f"{phase}_s": statistics.median(v) for phase, v in run["phases"].items()},
+            **({"first_step_s": run["first_step_s"]} if "first_step_s" in run else {})}
 
 
 def breakdown(rows: list[dict], target: float) -> str:
@@ -310,21 +332,30 @@ def main(argv=None) -> None:
         nectar_file.write_text("".join(json.dumps({k: v for k, v in p.items() if k != "messages"}) + "\n"
                                        for p in [*prompts, held_out]))
         seqcls, rm_tokenizer, rm_path = build_shared_reward_model(policy_path, tmp)
-        apa = run_apa(args, policy_path, rm_path, nectar_file, prompts)
-        rloo = run_rloo(args, policy_path, seqcls, rm_tokenizer, prompts, tmp)
+        apa = {e: run_apa(args, policy_path, rm_path, nectar_file, prompts, e) for e in args.apa_engines}
+        rloo = None if args.no_rloo else run_rloo(args, policy_path, seqcls, rm_tokenizer, prompts, tmp)
 
-    rows = [summarise("TRL 1.16 RLOOTrainer", rloo, per_step),
-            summarise("starling_lib APA (train_policy)", apa, per_step)]
-    speedup = rows[1]["completion_tokens_per_s"] / rows[0]["completion_tokens_per_s"]
-    rows[1]["speed_up_vs_rloo"] = speedup
+    rows = [summarise("starling_lib APA (train_policy" + ("" if e == "auto" else f", rollout_engine={e}") + ")",
+                      run, per_step) for e, run in apa.items()]
+    shape = (f"{args.layers}-layer tiny Mistral (hidden 256), top {args.trainable} layers trained; {args.prompts} "
+             f"prompts x {args.generations} completions x <= {args.new_tokens} new tokens per step, one optimizer step "
+             f"per rollout batch, lr {args.lr:g}, CPU float32, {torch.get_num_threads()} thread(s). Median over "
+             f"{args.steps} timed steps after 1 warm-up step (first_step_s: the warm-up, which creates a vllm engine).")
+    if rloo is None:
+        report(args.name, rows, shape + " APA only (--no-rloo); engines: " + ", ".join(args.apa_engines) + ".")
+        return
+    rows.insert(0, summarise("TRL 1.16 RLOOTrainer", rloo, per_step))
+    for row in rows[1:]:
+        row["speed_up_vs_rloo"] = row["completion_tokens_per_s"] / rows[0]["completion_tokens_per_s"]
+    speedup = rows[1]["speed_up_vs_rloo"]
     notes = (f"{args.layers}-layer tiny Mistral (hidden 256), top {args.trainable} layers trained on both sides; "
              f"{args.prompts} prompts x {args.generations} completions x <= {args.new_tokens} new tokens per step, "
              f"one optimizer step per rollout batch, lr {args.lr:g}, CPU float32, {torch.get_num_threads()} thread(s). "
              f"Median over {args.steps} timed steps after 1 warm-up step; tokens/s = mean completion tokens per "
              f"step / median s per step. RLOO: beta 0.05 (separate reference model), gradient checkpointing off. "
              f"APA / RLOO completion tokens/s: {speedup:.2f}x (target >= {TARGET:g}x: "
-             f"{'met' if speedup >= TARGET else 'not met'}). " + breakdown(rows, TARGET))
-    report("apa_vs_rloo", rows, notes)
+             f"{'met' if speedup >= TARGET else 'not met'}). " + breakdown(rows[:2], TARGET))
+    report(args.name, rows, notes)
 
 
 if __name__ == "__main__":

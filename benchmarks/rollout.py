@@ -9,7 +9,11 @@ wins by stopping early). Engines:
     starling-sampler    sampling.sample: preallocated cache, projections through F.linear, one additive
                         mask per step, one rotary call per layer, inverse-CDF sampling (what
                         rollout.generate uses for Llama/Mistral/Qwen2)
-    vllm                vLLM's offline engine on the same prompt ids (on a GPU, when vllm is installed)
+    vllm                starling_lib.engines.VLLMEngine: vLLM in this process on the same prompt ids
+                        and weights (what rollout_engine "vllm" uses), where vllm is importable:
+                        on a CPU run this script with .venv-vllm/bin/python (make vllm-env). Its
+                        row adds startup_s: creating the engine and pushing every weight into it;
+                        tokens/s is the steady state (the median of the timed runs after a warm-up)
 
 Target (issue 7): at least 2x plain `generate` (8 prompts x 64 tokens with the tiny model).
 The prompts are the first bundled Nectar prompts that fit in `--max-prompt-tokens` (64, the policy
@@ -18,6 +22,10 @@ every engine alike (8 prompts of up to 256 tokens: ~100 ms, a third of the sampl
 
     python -m benchmarks.rollout                      # tiny model, 8 x 64, on CPU
     python -m benchmarks.rollout --layers 8 --batch 32 --new-tokens 128
+    .venv-vllm/bin/python -m benchmarks.rollout --engine starling-sampler,vllm --name rollout_vllm_cpu
+    # on a GPU: the sampler, generate and vLLM on a 7B-shaped random-weight Mistral, 64 prompts x 1024 tokens
+    python -m benchmarks.rollout --shape 7b --batch 64 --new-tokens 1024 --max-prompt-tokens 256 \
+        --engine hf-generate,starling-sampler,vllm --repeat 3 --name rollout_7b_gpu
 
 On CPU the OpenMP wait policy matters as much as the engine: with OMP_WAIT_POLICY=PASSIVE (what
 the Makefile's demo/test targets set, to survive a loaded machine) small decoding steps pay for
@@ -27,6 +35,7 @@ waking the threads each time; the machine block of the result records the policy
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 
@@ -37,26 +46,28 @@ from starling_lib.models import load_model_and_tokenizer
 from starling_lib.sampling import sample
 
 
-def make_vllm(args, tok, enc, n):
-    """vLLM sampling the same prompt ids (None when vllm is not installed): a serving engine's
-    throughput, the ceiling an in-process sampler can be compared with. GPU only."""
-    try:
-        import vllm
-    except ImportError:
-        return None
-    from starling_lib.models import tiny_model_path
+ENGINES = ("hf-generate", "hf-generate-static", "starling-sampler", "vllm")
 
-    path = str(tiny_model_path(num_hidden_layers=args.layers)) if args.model == "tiny" else args.model
-    llm = vllm.LLM(model=path, tokenizer=path, dtype="auto", gpu_memory_utilization=0.3, seed=0)
-    params = vllm.SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=n, min_tokens=n, ignore_eos=True)
-    prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
 
-    def run():
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        assert all(len(o.outputs[0].token_ids) == n for o in outs)
-        # shaped like the others' output so the length check below holds
-        return torch.zeros(len(prompts), enc["input_ids"].shape[1] + n)
-    return run
+def make_vllm(model, enc, n, pad_id):
+    """(run, startup seconds): the vllm engine (starling_lib.engines) sampling the same prompt ids
+    with the model's weights, exactly n tokens each (no stop ids) from the full softmax."""
+    from starling_lib.engines import SamplingSettings, VLLMEngine, generate_padded
+
+    engine = VLLMEngine(model)
+    settings = SamplingSettings(n, temperature=1.0)
+    seeds = iter(range(10**6))
+    return (lambda: generate_padded(engine, enc["input_ids"], enc["attention_mask"], settings, pad_id, next(seeds)),
+            engine.startup_s)
+
+
+def build_7b(device: torch.device):
+    """A 7B-shaped Mistral (benchmarks.gpu_step's, Starling's base) with random weights, in bf16 on the GPU."""
+    from benchmarks.gpu_step import build_model
+
+    if device.type != "cuda":
+        raise SystemExit("--shape 7b needs a CUDA GPU (in float32 on a CPU it would be 29 GB); use --shape tiny")
+    return build_model(argparse.Namespace(shape="7b"), device, torch.bfloat16).eval()
 
 
 # What a decoding step's CPU time is spent on, by operator (torch.profiler's self time): the
@@ -89,10 +100,17 @@ def main(argv=None) -> None:
                         help="use prompts this long at most (PolicyTrainConfig.max_prompt_tokens' default)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the tiny model")
     parser.add_argument("--model", default="tiny", help='"tiny" or a from_pretrained folder / hub id')
+    parser.add_argument("--shape", choices=["tiny", "7b"], default="tiny",
+                        help="7b: a 7B-shaped Mistral with random weights (GPU only), prompts from the tiny tokenizer")
+    parser.add_argument("--engine", default="all",
+                        help=f"comma-separated engines of {', '.join(ENGINES)}, or all (vllm where importable)")
     parser.add_argument("--repeat", type=int, default=9, help="timed runs per engine, interleaved (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 leaves torch's default")
     parser.add_argument("--name", default="rollout", help="results/<name>.json")
     args = parser.parse_args(argv)
+    wanted = list(ENGINES) if args.engine == "all" else [e.strip() for e in args.engine.split(",")]
+    if unknown := [e for e in wanted if e not in ENGINES]:
+        parser.error(f"unknown engine(s) {unknown}; choose among {', '.join(ENGINES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -101,6 +119,8 @@ def main(argv=None) -> None:
     extra = {"num_hidden_layers": args.layers} if args.model == "tiny" else {}
     model, tok = load_model_and_tokenizer(args.model, **extra)
     model.eval()
+    if args.shape == "7b":
+        model = build_7b(next(model.parameters()).device)
     device = next(model.parameters()).device
     # The first bundled prompts that fit, as the policy trainer picks them (max_prompt_tokens).
     texts = []
@@ -125,11 +145,20 @@ def main(argv=None) -> None:
         return sample(model, enc["input_ids"], enc["attention_mask"], n, [], tok.pad_token_id)
 
     engines = {"hf-generate": hf(None), "hf-generate-static": hf("static"), "starling-sampler": ours}
-    if device.type == "cuda":
-        vllm_engine = make_vllm(args, tok, enc, n)
-        if vllm_engine is not None:
-            engines["vllm"] = vllm_engine
-    times, errors = {name: [] for name in engines}, {}
+    engines = {name: fn for name, fn in engines.items() if name in wanted}
+    startup, errors, vllm_note = {}, {}, ""
+    if "vllm" in wanted:
+        if importlib.util.find_spec("vllm") is None:
+            vllm_note = ("vLLM: not installed in this environment (on a CPU: .venv-vllm/bin/python -m benchmarks.rollout, "
+                         "after make vllm-env). ")
+            if args.engine != "all":
+                errors["vllm"] = "vllm is not installed here"
+        else:
+            try:
+                engines["vllm"], startup["vllm"] = make_vllm(model, enc, n, tok.pad_token_id)
+            except Exception as e:
+                errors["vllm"] = f"{type(e).__name__}: {str(e)[:160]}"
+    times = {name: [] for name in engines}
     with torch.no_grad():
         for name, fn in engines.items():   # warm-up, and the check that every engine samples n tokens
             try:
@@ -144,7 +173,7 @@ def main(argv=None) -> None:
                     times[name].append(timeit(fn, repeat=1, warmup=0))
         split = {name: breakdown(fn) for name, fn in engines.items() if name not in errors and name != "vllm"}
     rows = []
-    for name in engines:
+    for name in [*engines, *[e for e in errors if e not in engines]]:
         if name in errors:
             rows.append({"engine": name, "error": errors[name]})
         else:
@@ -152,7 +181,8 @@ def main(argv=None) -> None:
             # the profiled run's split, scaled to the median run
             parts = {k: v * s / sum(split[name].values()) for k, v in split.get(name, {}).items()}
             rows.append({"engine": name, "s_per_batch": s, "tokens_per_s": args.batch * n / s,
-                         "min_s": min(times[name]), "max_s": max(times[name]), **parts})
+                         "min_s": min(times[name]), "max_s": max(times[name]), **parts,
+                         **({"startup_s": startup[name]} if name in startup else {})})
     base = next((r for r in rows if r["engine"] == "hf-generate" and "tokens_per_s" in r), None)
     for r in rows:
         if base and "tokens_per_s" in r:
@@ -169,11 +199,12 @@ def main(argv=None) -> None:
                    f"({(base['s_per_batch'] - base['matmul_s']) / max(ours['s_per_batch'] - ours['matmul_s'], 1e-9):.1f}x "
                    f"less). With everything but the matrix products free, the sampler could be at most {bound:.2f}x "
                    f"generate on this machine. ")
-    notes = (f"{args.model} model ({args.layers} layers), {args.batch} prompts of up to {enc['input_ids'].shape[1]} "
+    shape = "7B-shaped Mistral, random weights, bf16" if args.shape == "7b" else f"{args.model} model ({args.layers} layers)"
+    notes = (f"{shape}, {args.batch} prompts of up to {enc['input_ids'].shape[1]} "
              f"tokens x {n} sampled tokens, device {device}, torch threads {torch.get_num_threads()}, "
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; median of {args.repeat} interleaved runs. "
              "Target: starling-sampler >= 2x hf-generate. " + ceiling
-             + ("" if "vllm" in engines else "vLLM: measured only on a GPU with vllm installed."))
+             + vllm_note)
     report(args.name, rows, notes)
 
 

@@ -55,9 +55,10 @@ class DecodingConfig:
 
     engine: str = "auto"
     """"fast" (starling_lib.sampling: a preallocated KV cache; one batch may mix temperatures),
-    "hf" (`model.generate`), or "auto" (fast where the model is supported, else hf). Greedy replies
-    are the same tokens either way; sampled ones follow the same distribution (top_k from the
-    model's generation config, as `generate` reads it) with other random numbers."""
+    "hf" (`model.generate`), "auto" (fast where the model is supported, else hf), or "vllm" /
+    "vllm-server" (starling_lib.engines; one batch may mix temperatures). Greedy replies are the
+    same tokens either way; sampled ones follow the same distribution (top_k from the model's
+    generation config, as `generate` reads it) with other random numbers."""
 
     def __post_init__(self):
         check_engine(self.engine)
@@ -117,7 +118,8 @@ def generate(model, tokenizer, prompts: Sequence[str], config: DecodingConfig = 
     """
     from tqdm.auto import tqdm
 
-    from starling_lib.sampling import sample, use_fast_sampling
+    from starling_lib import engines
+    from starling_lib.sampling import SERVING_ENGINES, sample, use_fast_sampling
 
     if not prompts:
         return []
@@ -135,6 +137,10 @@ def generate(model, tokenizer, prompts: Sequence[str], config: DecodingConfig = 
     top_k = 50 if top_k is None else top_k            # what generate() samples with when the config is silent
 
     def run(input_ids, attention_mask, row_temps: list[float]) -> torch.Tensor:
+        if config.engine in SERVING_ENGINES:   # each row its own temperature; the seed from the forked generator
+            settings = [engines.SamplingSettings(config.max_new_tokens, t, config.top_p, top_k, stops) for t in row_temps]
+            return engines.generate_padded(engines.engine_for(model, config.engine, tokenizer), input_ids,
+                                           attention_mask, settings, pad_id, engines.seed_from_torch())
         if fast:
             return sample(model, input_ids, attention_mask, config.max_new_tokens, stops, pad_id,
                           temperature=torch.tensor(row_temps), top_k=top_k, top_p=config.top_p,

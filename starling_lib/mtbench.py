@@ -353,8 +353,10 @@ def conversation(question: Mapping, answers: Sequence[str], turn: int) -> list[d
 
 def generate_answers(model, tokenizer, questions: Sequence[Mapping], model_name: str, cache_path: str | os.PathLike,
                      *, max_new_tokens: int = 1024, temperature: float | None = None, batch_size: int = 8,
-                     seed: int = 0, progress: bool = True) -> dict[int, list[str]]:
+                     seed: int = 0, progress: bool = True, engine: str = "auto") -> dict[int, list[str]]:
     """{question_id: [answer turn 1, answer turn 2]}, generated or taken from the cache.
+
+    engine: chat.DecodingConfig's (e.g. "vllm"); not part of the cache key, as the sampler never was.
 
     temperature: None uses MT-Bench's per-category temperatures; a number overrides them all.
     Generation runs in batches of `batch_size` questions, each at its own temperature; each batch
@@ -385,7 +387,8 @@ def generate_answers(model, tokenizer, questions: Sequence[Mapping], model_name:
                 # One call for the batch, each question at its category's temperature (the fast
                 # engine mixes them in one decoding loop; model.generate runs once per temperature).
                 prompts = [chat.render(tokenizer, conversation(q, answers[q["question_id"]], turn)) for q, _ in batch]
-                config = chat.DecodingConfig(max_new_tokens=max_new_tokens, batch_size=len(batch), seed=seed + start)
+                config = chat.DecodingConfig(max_new_tokens=max_new_tokens, batch_size=len(batch), seed=seed + start,
+                                             engine=engine)
                 replies = chat.generate(model, tokenizer, prompts, config,
                                         temperatures=[settings["temperature"] for _, settings in batch])
                 for (q, settings), reply in zip(batch, replies):

@@ -161,13 +161,15 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict]], max_new_tok
     (chat.stop_token_ids). Everything after a sequence's stop token is masked out.
     top_k 0 and top_p 1 sample from the full softmax, the distribution the RL losses score.
     engine: "fast" (`sampling.sample`: a preallocated KV cache, about 2x `generate` on the tiny
-    model, benchmarks/rollout.py), "hf" (`model.generate`), or "auto" (fast where the model is
-    supported, else hf).
+    model, benchmarks/rollout.py), "hf" (`model.generate`), "auto" (fast where the model is
+    supported, else hf), or a serving engine, "vllm" / "vllm-server" (starling_lib.engines: created
+    at the first call for `model` and kept for it; its seed is drawn from torch's generator).
     keep_trunk: a layer index s (SharedTrunkPolicy.split): the fast engine also returns the input of
     layer s at every position as `batch.trunk`, so that the log-prob pass and the updates after it
     run only the layers from s up; `model.generate` cannot, and its batches have `trunk` None.
     """
-    from starling_lib.sampling import check_engine, sample, use_fast_sampling
+    from starling_lib import engines
+    from starling_lib.sampling import SERVING_ENGINES, check_engine
 
     check_engine(engine)
     device = next(model.parameters()).device
@@ -180,16 +182,14 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict]], max_new_tok
         tokenizer.padding_side = side
     stops = stop_token_ids(tokenizer)
     trunk = None
-    if use_fast_sampling(engine, model, enc["input_ids"].shape[1] + max_new_tokens):
-        out = sample(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, stops, tokenizer.pad_token_id,
-                     temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample, keep_trunk=keep_trunk)
-        if keep_trunk is not None:
-            out, trunk = out
+    if engine in SERVING_ENGINES:   # vLLM (engines.py): the tokens only; its seed from torch's generator
+        settings = engines.SamplingSettings(max_new_tokens, temperature if do_sample else 0.0, top_p, top_k, stops)
+        out = engines.generate_padded(engines.engine_for(model, engine, tokenizer), enc["input_ids"],
+                                      enc["attention_mask"], settings, tokenizer.pad_token_id, engines.seed_from_torch())
     else:
-        sample_args = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample \
-            else dict(do_sample=False)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                             pad_token_id=tokenizer.pad_token_id, **sample_args)
+        out, trunk = engines.hf_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, stops,
+                                       tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       do_sample=do_sample, engine=engine, keep_trunk=keep_trunk)
     P = enc["input_ids"].shape[1]
     response = out[:, P:]                                                          # (B, R)
     is_eos = torch.isin(response, torch.tensor(stops, device=response.device))

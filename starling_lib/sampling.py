@@ -59,20 +59,24 @@ def supports_fast_sampling(model, total_length: int = 0) -> bool:
     return True
 
 
-ENGINES = ("auto", "fast", "hf")
+ENGINES = ("auto", "fast", "hf", "vllm", "vllm-server")
+# Engines that generate apart from the model object (starling_lib.engines: vLLM in this process, or
+# a vLLM server), with a copy of its weights that the trainer updates after each step.
+SERVING_ENGINES = ("vllm", "vllm-server")
 
 
 def check_engine(engine: str) -> None:
     """Raise a ValueError unless `engine` is one of ENGINES."""
     if engine not in ENGINES:
-        raise ValueError(f"engine must be auto, fast or hf, got {engine!r}")
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
 
 
 def use_fast_sampling(engine: str, model, total_length: int) -> bool:
     """Whether generation with `engine` ("fast", "hf" or "auto": fast where supported) runs `sample`
-    rather than `model.generate`; "fast" on a model `sample` cannot run is an error."""
+    rather than `model.generate`; "fast" on a model `sample` cannot run is an error. A serving
+    engine (SERVING_ENGINES) runs neither: False."""
     check_engine(engine)
-    fast = engine != "hf" and supports_fast_sampling(model, total_length)
+    fast = engine in ("auto", "fast") and supports_fast_sampling(model, total_length)
     if engine == "fast" and not fast:
         raise ValueError(f"engine='fast' does not support {type(model).__name__} here; use engine='hf' or 'auto'")
     return fast

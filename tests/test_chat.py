@@ -134,7 +134,7 @@ def test_a_batch_mixes_temperatures_each_row_as_if_alone(tiny, engine):
 
 
 def test_decoding_settings_are_checked():
-    with pytest.raises(ValueError, match="engine must be auto, fast or hf"):
-        chat.DecodingConfig(engine="vllm")
+    with pytest.raises(ValueError, match="engine must be one of auto, fast, hf, vllm, vllm-server"):
+        chat.DecodingConfig(engine="sglang")
     with pytest.raises(ValueError, match="temperature >= 0"):
         chat.DecodingConfig(temperature=-1.0)

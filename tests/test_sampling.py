@@ -127,8 +127,8 @@ def test_rollout_generate_engines_agree_greedily_and_fall_back(tiny):
     windowed.config.sliding_window = 64
     assert supports_fast_sampling(windowed, total_length=64)
     assert not supports_fast_sampling(windowed, total_length=65)   # past the window: generate's business
-    with pytest.raises(ValueError, match="engine"):
-        generate(model, tok, prompts, engine="vllm")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        generate(model, tok, prompts, engine="sglang")
 
 
 def test_sampling_never_picks_a_filtered_token(tiny):

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Sequence
 
 from starling_lib import tracking
 from starling_lib.reward_client import check_server_url, is_reward_server_url
+from starling_lib.sampling import ENGINES
 from starling_lib.training import TrainConfig
 
 METHODS = ("apa", "ppo", "p3o", "dpo")
@@ -88,7 +89,9 @@ class PolicyTrainConfig(TrainConfig):
 
     rollout_engine: str = "auto"
     """How rollouts are sampled: "fast" (starling_lib.sampling: a preallocated KV cache, about 2x
-    `generate` on the tiny model), "hf" (`model.generate`), "auto" (fast where supported)."""
+    `generate` on the tiny model), "hf" (`model.generate`), "auto" (fast where supported), "vllm"
+    (vLLM in this process, sent the trained layers after each step) or "vllm-server" (a vLLM server
+    at $STARLING_VLLM_URL); see starling_lib.engines. The losses are computed from the tokens either way."""
 
     cache_trunk: bool = True
     """Compute the frozen trunk's output (embeddings and the layers below `unfrozen_layers`) once
@@ -223,7 +226,7 @@ class PolicyTrainConfig(TrainConfig):
         if is_reward_server_url(self.reward_model):
             check_server_url(self.reward_model)   # a ValueError saying what is wrong with the URL
         self.check_choices(method=METHODS, kl_estimator=("k1", "k3"), score_norm=("none", "center", "whiten", "prompt"),
-                           rollout_engine=("auto", "fast", "hf"), p3o_variant=("joint", "ratio", "separate"))
+                           rollout_engine=ENGINES, p3o_variant=("joint", "ratio", "separate"))
         self.check_ranges(rollouts_per_step=(1, True), minibatch_size=(1, True), epochs_per_batch=(1, True),
                           responses_per_prompt=(1, True),
                           max_new_tokens=(1, True), max_prompt_tokens=(1, True), eval_samples=(1, True),

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from starling_lib import engines
 from starling_lib.chat import stop_token_ids
 from starling_lib.losses import kl_penalty
 from starling_lib.models import default_device, load_model_and_tokenizer
@@ -103,7 +104,10 @@ def evaluate_initial(cfg: PolicyTrainConfig, reward_model=None) -> dict[str, Any
         reward_model = load_reward_scorer(cfg.reward_model, device=device,
                                           dtype=torch.bfloat16 if device.type == "cuda" else None)
     _, prompts = load_prompts(cfg, tokenizer)
-    return evaluate_policy(policy, tokenizer, reward_model, prompts, **eval_settings(cfg))
+    try:
+        return evaluate_policy(policy, tokenizer, reward_model, prompts, **eval_settings(cfg))
+    finally:
+        engines.release(model)   # a vllm engine made for this model (the run's own policy gets its own)
 
 
 def policy_with_reference(initial_path: str, tuned_model, num_trainable_layers: int, device=None) -> SharedTrunkPolicy:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from starling_lib import tracking
+from starling_lib import engines, tracking
 from starling_lib.losses import kl_penalty, masked_mean
 from starling_lib.models import load_model_and_tokenizer
 from starling_lib.policy.config import PolicyTrainConfig, PolicyTrainResult
@@ -242,6 +242,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{method.upper()} rollout batches",
                disable=not (cfg.progress and accelerator.is_main_process))
     t0 = time.perf_counter()
+    pushed: list[str] = []   # the parameter names pushed to a serving engine after each step
     for step in range(start_step, end_step):
         clock = _PhaseClock(device)
         # ---- 1. rollout: sample, score, and the no-grad forward for old / reference log-probs and values
@@ -251,6 +252,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
             batch = generate(unwrapped.model, tokenizer, b_prompts, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, engine=cfg.rollout_engine,
                              keep_trunk=unwrapped.split if cfg.cache_trunk else None)
+        engines.sleep(unwrapped.model)   # a colocated vLLM engine frees its GPU memory for the update (CUDA only)
         clock.lap("generate")
         b_mask = batch.response_mask
         b_scores = _score_rollouts(reward_model, b_prompts, [r.strip() for r in batch.responses], accelerator, cfg,
@@ -302,6 +304,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        pushed = engines.sync_weights(unwrapped.model) or pushed   # vllm engines: the trained layers (hf: none)
         clock.lap("update")
 
         # ---- 4. metrics: this process's means, then the mean over processes
@@ -342,10 +345,12 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
                         {"method": method, "training": cfg.fingerprint(), "steps_done": end_step})
         accelerator.wait_for_everyone()
     tracking.end(accelerator)
+    engines.release(unwrapped.model)   # a later generation with this model starts a fresh engine
     return PolicyTrainResult(policy=unwrapped, tokenizer=tokenizer, history=history, evals=evals, wall_s=wall_s,
                              eval_s=eval_s, steps_run=end_step - start_step, config=cfg, policy_dir=policy_dir,
                              extra={"num_processes": n_proc,
                                     "num_train_prompts": len(train_prompts), "num_eval_prompts": len(eval_prompts),
                                     "responses_generated": (end_step - start_step) * cfg.rollouts_per_step,
-                                    "optimizer_steps": (end_step - start_step) * cfg.optimizer_steps_per_step},
+                                    "optimizer_steps": (end_step - start_step) * cfg.optimizer_steps_per_step,
+                                    **({"engine_pushed_parameters": pushed} if pushed else {})},
                              eval_details=eval_details)
