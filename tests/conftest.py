@@ -35,6 +35,16 @@ def tiny():
     return load_model_and_tokenizer("tiny", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    """A saved reward model on the tiny body with an untrained (random) head: enough to drive the
+    policy trainer's and the reward server's mechanics."""
+    from starling_lib.reward_model import build_reward_model
+    from starling_lib.rm_io import save_reward_model
+    model, _ = build_reward_model("tiny", max_length=96, seed=0)
+    return str(save_reward_model(model, tmp_path_factory.mktemp("rm") / "reward_model"))
+
+
 @pytest.fixture(scope="session")
 def run_notebook():
     """run_notebook(stem, tmp, parameters, env={}) -> (stage folder, its metrics.json as a dict).

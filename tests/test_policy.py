@@ -19,8 +19,7 @@ from starling_lib.policy import (PolicyTrainConfig, PolicyTrainResult, check_not
                                  history_frame, load_config, load_or_train_reward_model, load_prompts,
                                  normalize_scores, phase_frame, reward_gain, step_prompts, train_policy)
 from starling_lib.policy.__main__ import main
-from starling_lib.reward_model import build_reward_model
-from starling_lib.rm_io import load_reward_model, save_reward_model
+from starling_lib.rm_io import load_reward_model
 from starling_lib.rollout import SharedTrunkPolicy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,13 +29,6 @@ COMMON = ["reward_mean", "reward_std", "kl", "entropy", "response_length", "stop
 OWN = {"apa": ["value_loss", "approx_kl", "log_ratio_mean", "target_mean", "value_clip_frac"],
        "ppo": ["value_loss", "clip_frac", "approx_kl", "ratio_mean", "value_clip_frac", "non_score_reward"],
        "p3o": ["clip_frac", "seq_log_ratio_mean"]}
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
-    """An untrained reward model (random head) on the tiny body: enough to drive the mechanics."""
-    model, _ = build_reward_model("tiny", max_length=96, seed=0)
-    return str(save_reward_model(model, tmp_path_factory.mktemp("rm") / "reward_model"))
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,8 @@ from starling_lib.models import tiny_model_path
 from starling_lib.policy import PolicyTrainConfig, evaluate_initial, load_config, train_policy
 from starling_lib.reward_client import (RemoteRewardModel, RewardRequestError, RewardServerError, check_server_url,
                                         load_reward_scorer)
-from starling_lib.reward_model import build_reward_model
 from starling_lib.reward_server import RewardServer
-from starling_lib.rm_io import load_reward_model, save_reward_model
+from starling_lib.rm_io import load_reward_model
 from starling_lib.rm_layout import chat_texts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,13 +40,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
-    """An untrained reward model (random head) on the tiny body, as tests/test_policy.py's."""
-    model, _ = build_reward_model("tiny", max_length=96, seed=0)
-    return str(save_reward_model(model, tmp_path_factory.mktemp("rm") / "reward_model"))
 
 
 @pytest.fixture(scope="module")
