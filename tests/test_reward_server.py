@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ports import free_port
 from starling_lib.models import tiny_model_path
 from starling_lib.policy import PolicyTrainConfig, evaluate_initial, load_config, train_policy
 from starling_lib.reward_client import (RemoteRewardModel, RewardRequestError, RewardServerError, check_server_url,
@@ -34,12 +34,6 @@ PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
            "Explain PPO in one sentence.", [{"role": "user", "content": "2+2?"}]]
 ANSWERS = ["Paris.", "Drops on the window / the grey afternoon / a kettle sings", "A cat walked into a bar...",
            "It clips the policy ratio so updates stay small.", "4"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +123,7 @@ def test_unknown_endpoints_and_a_refused_request_are_not_retried(server):
 
 
 def test_a_server_down_on_the_first_tries_is_retried_until_it_answers(rm_dir, local_rm):
-    port, started, waits = _free_port(), [], []
+    port, started, waits = free_port(), [], []
 
     def sleep(seconds):                # the server comes up during the client's second wait
         waits.append(seconds)
@@ -161,7 +155,7 @@ def test_a_5xx_is_retried(server, local_rm, monkeypatch):
 
 
 def test_a_server_that_stays_down_gives_a_clear_error_after_n_tries():
-    url, waits = f"http://127.0.0.1:{_free_port()}", []
+    url, waits = f"http://127.0.0.1:{free_port()}", []
     with pytest.raises(RewardServerError, match=rf"reward server at {url}/health did not answer after 3 tries .*"
                                                 r"last failure: connection: ConnectionRefusedError"):
         RemoteRewardModel(url, tries=3, sleep=waits.append)
@@ -223,7 +217,7 @@ def test_a_policy_run_against_the_server_equals_the_in_process_one(tiny_cfg, ser
 def test_a_server_killed_mid_run_stops_it_with_a_checkpoint_and_a_rerun_resumes(tiny_cfg, rm_dir, tmp_path, monkeypatch):
     cfg = dataclasses.replace(tiny_cfg, steps=3, eval_every=0)
     straight = train_policy(cfg)                                  # in process, uninterrupted
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     run = dataclasses.replace(cfg, reward_model=url, output_dir=str(tmp_path / "run"))   # checkpoint_every=0
     monkeypatch.setenv("STARLING_RM_TRIES", "2")
@@ -263,7 +257,7 @@ def test_a_server_killed_mid_run_stops_it_with_a_checkpoint_and_a_rerun_resumes(
 
 
 def test_the_command_line_serves_a_folder(rm_dir, local_rm):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "starling_lib.reward_server", rm_dir, "--port", str(port),
                              "--device", "cpu", "--dtype", "float32", "--batch-size", "2", "--quiet"],
