@@ -27,6 +27,8 @@ Departures from the papers:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -88,10 +90,22 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise x to unit variance (and zero mean) over the valid positions; 0 elsewhere."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def local_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over processes when there is only this one: `t` itself."""
+    return t
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  total: Callable[[torch.Tensor], torch.Tensor] = local_sum) -> torch.Tensor:
+    """Normalise x to unit variance (and zero mean) over the valid positions; 0 elsewhere.
+
+    total: sums a tensor over the processes that hold the rest of the batch (e.g.
+    `lambda t: accelerator.reduce(t, "sum")`), so the mean and variance are the whole batch's.
+    """
+    x, m = x.float(), mask.float()
+    n = total(m.sum()).clamp(min=1)
+    mean = total((x * m).sum()) / n                        # ()
+    var = total((((x - mean) ** 2) * m).sum()) / n         # ()
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

@@ -10,7 +10,7 @@ from trl import DPOConfig, DPOTrainer
 from starling_lib.losses import dpo_loss
 from starling_lib.models import load_model_and_tokenizer, tiny_model_path
 from starling_lib.policy import PolicyTrainConfig
-from starling_lib.policy.dpo import dpo_dataset
+from starling_lib.policy.dpo import dpo_batch_split, dpo_dataset
 from starling_lib.rollout import logprobs_from_logits
 
 ROWS = [
@@ -69,3 +69,13 @@ def test_dpo_dataset_has_the_online_budget_in_pairs():
     lengths = [len(tok.apply_chat_template(r, tokenize=True, add_generation_prompt=True)) for r in ds["prompt"]]
     assert max(lengths) <= 48
     assert dpo_dataset(cfg, tok)["chosen"] == ds["chosen"]        # seeded
+
+
+def test_dpo_batch_split_keeps_the_global_minibatch_at_any_world_size():
+    """TRL multiplies per-device micro-batches by accumulation and processes: the split keeps that
+    product at minibatch_size // 2 pairs, or names the numbers."""
+    cfg = PolicyTrainConfig(method="dpo", rollouts_per_step=64, minibatch_size=28, micro_batch_size=4, reward_model="x")
+    assert dpo_batch_split(cfg, 1) == (2, 7) and dpo_batch_split(cfg, 7) == (2, 1)
+    with pytest.raises(ValueError, match=r"minibatch_size=28 is 14 pairs .* into 8 process\(es\) x whole micro-batches "
+                                         r"of 2 pair\(s\)"):
+        dpo_batch_split(cfg, 8)

@@ -19,12 +19,15 @@ from starling_lib.policy import (PolicyTrainConfig, PolicyTrainResult, check_not
                                  history_frame, load_config, load_or_train_reward_model, load_prompts,
                                  normalize_scores, phase_frame, reward_gain, step_prompts, train_policy)
 from starling_lib.policy.__main__ import main
+from starling_lib.policy.online import check_world_size, local_minibatches
+from starling_lib.policy.prompts import process_units
 from starling_lib.rm_io import load_reward_model
 from starling_lib.rollout import SharedTrunkPolicy
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ["time_generate_s", "time_score_s", "time_forward_s", "time_update_s"]
-COMMON = ["reward_mean", "reward_std", "kl", "entropy", "response_length", "stop_frac", "policy_loss", "lr", "elapsed_s",
+COMMON = ["reward_mean", "reward_std", "kl", "entropy", "response_length", "stop_frac", "policy_loss", "grad_norm", "lr",
+          "elapsed_s",
           *PHASES]
 OWN = {"apa": ["value_loss", "approx_kl", "log_ratio_mean", "target_mean", "value_clip_frac"],
        "ppo": ["value_loss", "clip_frac", "approx_kl", "ratio_mean", "value_clip_frac", "non_score_reward"],
@@ -171,23 +174,83 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tiny_cfg):
     assert (moved > 5e-4).sum() > 10_000                                     # it did train, by about lr
 
 
-@pytest.mark.slow
-def test_two_processes_through_accelerate_launch(tiny_cfg, tmp_path):
-    settings = {**{k: v for k, v in dataclasses.asdict(tiny_cfg).items() if k not in ("progress",)},
-                "method": "apa", "output_dir": str(tmp_path / "two"), "mixed_precision": "no", "micro_batch_size": 1}
+def _launch(tmp_path, name: str, processes: int, settings: dict) -> tuple[dict, dict, dict]:
+    """Run starling_lib.policy through `accelerate launch` on `processes` CPU processes (gloo):
+    (the last record it printed, its history.json, the saved policy's weights)."""
+    out = tmp_path / name
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / "configs/accelerate/ddp.yaml"),
-           "--num_processes", "2", "--mixed_precision", "no", "-m", "starling_lib.policy", str(REPO / "configs/policy/tiny_cpu.yaml")]
-    cmd += [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")]
+           "--num_processes", str(processes), "--mixed_precision", "no", "-m", "starling_lib.policy",
+           str(REPO / "configs/policy/tiny_cpu.yaml")]
+    cmd += [arg for k, v in {**settings, "output_dir": str(out)}.items() for arg in ("--set", f"{k}={v}")]
     proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["num_processes"] == 2 and summary["responses_generated"] == 8
-    saved = load_model_and_tokenizer(str(tmp_path / "two" / "policy"), device="cpu")[0].state_dict()
+    saved = load_model_and_tokenizer(str(out / "policy"), device="cpu")[0].state_dict()
+    return summary, json.loads((out / "history.json").read_text()), saved
+
+
+@pytest.mark.slow
+def test_three_processes_give_the_one_process_update_at_starlings_batch_shape(tiny_cfg, tmp_path):
+    """Starling's batch shape scaled down (64 rollouts, minibatch 28 -> 16 and 7) on 3 processes:
+    16 prompts split 6 + 5 + 5, minibatches of 7, 7 and 2 drawn from the whole batch, so a process
+    can hold none of a minibatch. With near-greedy sampling (the same responses whatever the split)
+    the run must be the one-process run: the same metrics each step and the same trained weights,
+    although the one-process run takes each minibatch in one micro-batch and the three take theirs
+    in micro-batches of 2. The scores are whitened and the advantages too: statistics of the whole batch.
+    The held-out evaluations are shared out among the processes and gathered."""
+    settings = {**{k: v for k, v in dataclasses.asdict(tiny_cfg).items() if k not in ("progress",)},
+                "method": "apa", "mixed_precision": "no", "rollouts_per_step": 16, "minibatch_size": 7,
+                "micro_batch_size": 7, "epochs_per_batch": 2, "steps": 2, "temperature": 1e-4, "score_norm": "whiten",
+                "lr": 3e-3, "eval_every": 2, "eval_prompts": 6, "eval_samples": 1, "eval_batch_size": 2}
+    cfg = dataclasses.replace(tiny_cfg, **settings)
+    shares = [process_units(16, r, 3) for r in range(3)]
+    assert [len(s) for s in shares] == [6, 5, 5]
+    local = [local_minibatches(16, 7, 2, s, torch.Generator().manual_seed(0)) for s in shares]
+    assert any(len(mb) == 0 for mbs in local for mb in mbs)          # the zero-weight pass is exercised
+    assert step_prompts(0, list(range(100)), cfg) == sum((step_prompts(0, list(range(100)), cfg, r, 3)
+                                                          for r in range(3)), [])
+
+    one, one_history, one_saved = _launch(tmp_path, "one", 1, settings)
+    three, three_history, three_saved = _launch(tmp_path, "three", 3, {**settings, "micro_batch_size": 2})
+    assert one["num_processes"] == 1 and three["num_processes"] == 3 and three["responses_generated"] == 32
+    # the evaluations, 3 batches of 2 prompts shared out one per process, are the one process's too
+    for a, b in zip(one_history["evals"], three_history["evals"], strict=True):
+        assert sorted(a) == sorted(b) and a["step"] == b["step"]
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+    for a, b in zip(one_history["history"], three_history["history"], strict=True):
+        keys = [k for k in a if k != "step" and not k.endswith(("_s", "/lr"))]
+        assert sorted(keys) == sorted(k for k in b if k != "step" and not k.endswith(("_s", "/lr")))
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
     before = _initial_state()
-    changed = {k for k in before if not torch.equal(before[k], saved[k])}
+    changed = {k for k in before if not torch.equal(before[k], three_saved[k])}
     assert changed and all(k.startswith(("model.layers.2.", "model.layers.3.")) for k in changed)
-    assert len(json.loads((tmp_path / "two" / "history.json").read_text())["history"]) == 2
+    diff = torch.cat([(one_saved[k] - three_saved[k]).abs().flatten() for k in changed])
+    moved = torch.cat([(one_saved[k] - before[k]).abs().flatten() for k in changed])
+    # AdamW divides by sqrt(v): float32 rounding in a near-zero gradient can move a few weights apart.
+    assert diff.max() < 1e-3 and (diff > 1e-5).sum() <= 0.001 * diff.numel(), (diff.max(), (diff > 1e-5).sum())
+    assert (moved > 1e-3).float().mean() > 0.5                       # while most weights moved by about lr
+
+
+def test_a_world_size_with_fewer_prompts_than_processes_is_refused_with_the_numbers(tiny_cfg):
+    check_world_size(dataclasses.replace(tiny_cfg, rollouts_per_step=64, minibatch_size=28), 7)   # 10 + 6 x 9
+    with pytest.raises(ValueError, match=r"rollouts_per_step=16 is 8 prompt\(s\) a step \(2 responses each\), fewer "
+                                         r"than the 9 processes.*to 18 or more"):
+        check_world_size(dataclasses.replace(tiny_cfg, method="p3o", rollouts_per_step=16, minibatch_size=8), 9)
+
+
+def test_minibatches_are_drawn_from_the_whole_batch_and_shared_out():
+    assert [len(process_units(64, r, 7)) for r in range(7)] == [10, 9, 9, 9, 9, 9, 9]
+    assert [u for r in range(7) for u in process_units(64, r, 7)] == list(range(64))
+    one = local_minibatches(64, 28, 2, range(64), torch.Generator().manual_seed(3))
+    assert [len(mb) for mb in one] == [28, 28, 8, 28, 28, 8]
+    shares = [process_units(64, r, 8) for r in range(8)]
+    per_rank = [local_minibatches(64, 28, 2, s, torch.Generator().manual_seed(3)) for s in shares]
+    for i, mb in enumerate(one):
+        pieces = torch.cat([per_rank[r][i] + shares[r].start for r in range(8)])
+        assert sorted(pieces.tolist()) == sorted(mb.tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +335,36 @@ def test_evaluation_is_repeatable_and_leaves_the_callers_rng_alone(tiny_cfg):
     c = evaluate_policy(policy, tok, rm, prompts[:2], samples=2, max_new_tokens=6, seed=6)
     assert a["rewards"] == b["rewards"] and a["rewards"] != c["rewards"] and a["num_responses"] == 4
     assert a["kl"] == pytest.approx(0.0, abs=1e-5) and [e["prompt"] for e in a["examples"]][::2] == [p[-1]["content"] for p in prompts[:2]]
+
+
+def test_evaluation_shared_out_among_processes_is_the_one_process_evaluation(tiny_cfg):
+    """Three processes take every third batch of 2 rows; gathered, they give one process's result
+    exactly (each batch draws its own random numbers, wherever it runs)."""
+    model, tok = load_model_and_tokenizer(str(tiny_model_path()), device="cpu")
+    policy = SharedTrunkPolicy(model, 2, value_head=False)
+    rm = load_reward_model(tiny_cfg.reward_model, device="cpu")
+    _, prompts = load_prompts(dataclasses.replace(tiny_cfg, eval_prompts=4), tok)
+    assert len(prompts) == 4
+    settings = dict(samples=2, max_new_tokens=6, seed=5, batch_size=2)
+    one = evaluate_policy(policy, tok, rm, prompts[:4], **settings)              # 8 rows: batches 0-3
+    shards = {}
+
+    class Gathered(Exception):
+        pass
+
+    def record(objs, rank):   # ranks 1 and 2 hand their part over and stop there
+        shards[rank] = objs[0]
+        raise Gathered
+    for rank in (1, 2):
+        with pytest.raises(Gathered):
+            evaluate_policy(policy, tok, rm, prompts[:4], **settings, shard=(rank, 3), gather=lambda o, r=rank: record(o, r))
+
+    def gather0(objs):       # rank 0 gets every part back
+        shards[0] = objs[0]
+        return [objs[0], shards[1], shards[2]]
+    mine = evaluate_policy(policy, tok, rm, prompts[:4], **settings, shard=(0, 3), gather=gather0)
+    assert sorted(shards[0]) == [0, 3] and sorted(shards[1]) == [1] and sorted(shards[2]) == [2]
+    assert mine == one
 
 
 def test_configs_load_and_validate(tmp_path):

@@ -66,10 +66,14 @@ class PolicyTrainConfig(TrainConfig):
 
     minibatch_size: int = 4
     """Responses per optimizer step over all processes: ceil(rollouts_per_step / minibatch_size)
-    optimizer steps per epoch, the last one on what is left. Starling: 28 (its "batch 28")."""
+    optimizer steps per epoch, the last one on what is left. Neither needs to divide by the number
+    of processes (policy.online: each trains on its own rows of a minibatch drawn from the whole
+    batch). Starling: 28 (its "batch 28")."""
 
     micro_batch_size: int = 4
-    """Responses per forward/backward on one device; gradient accumulation makes up the minibatch."""
+    """Responses per forward/backward on one device; gradient accumulation makes up the minibatch,
+    each micro-batch weighted by its share of the minibatch's tokens, so this is a memory setting:
+    it does not change the update."""
 
     epochs_per_batch: int = 2
     """Passes over each rollout batch (PPO's epochs). Starling: 2."""

@@ -64,6 +64,19 @@ def dpo_dataset(cfg: PolicyTrainConfig, tokenizer):
     return to_trl_preference(pairs.select(order.tolist()))
 
 
+def dpo_batch_split(cfg: PolicyTrainConfig, num_processes: int) -> tuple[int, int]:
+    """(pairs per micro-batch, gradient accumulation steps) that make an optimizer step of
+    minibatch_size // 2 pairs over `num_processes` processes: TRL's DPOTrainer takes the same whole
+    micro-batches on every process (per_device_train_batch_size x accumulation x processes).
+    A ValueError names the numbers when they do not split."""
+    pairs_per_micro, pairs = max(1, cfg.micro_batch_size // 2), cfg.minibatch_size // 2
+    if pairs % (num_processes * pairs_per_micro):
+        raise ValueError(f"DPO: minibatch_size={cfg.minibatch_size} is {pairs} pairs per optimizer step, which must split "
+                         f"into {num_processes} process(es) x whole micro-batches of {pairs_per_micro} pair(s) "
+                         f"(micro_batch_size={cfg.micro_batch_size}): TRL's DPOTrainer gives every process the same")
+    return pairs_per_micro, pairs // (num_processes * pairs_per_micro)
+
+
 def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_model=None,
               initial_eval: dict | None = None) -> PolicyTrainResult:
     """DPO with TRL from the initial policy, then the same held-out evaluation as the online methods
@@ -83,8 +96,8 @@ def train_dpo(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_mode
     train_top_layers(model, cfg.unfrozen_layers)
 
     train = dpo_dataset(cfg, tokenizer)
-    pairs_per_micro = max(1, cfg.micro_batch_size // 2)
-    accum = (cfg.minibatch_size // 2) // pairs_per_micro
+    from accelerate import PartialState
+    pairs_per_micro, accum = dpo_batch_split(cfg, PartialState().num_processes)
     work_dir = Path(cfg.output_dir) / "checkpoints" if cfg.output_dir else Path(tempfile.mkdtemp(prefix="dpo-"))
     args = DPOConfig(
         output_dir=str(work_dir), num_train_epochs=cfg.epochs_per_batch, per_device_train_batch_size=pairs_per_micro,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -33,11 +33,16 @@ def ended_with_stop(batch, tokenizer) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_policy(policy: SharedTrunkPolicy, tokenizer, reward_model, prompts: Sequence, *, samples: int = 2,
                     max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                    seed: int = 0, batch_size: int = 32, autocast=None, engine: str = "auto") -> dict[str, Any]:
+                    seed: int = 0, batch_size: int = 32, autocast=None, engine: str = "auto",
+                    shard: tuple[int, int] = (0, 1), gather: Callable[[list], list] | None = None) -> dict[str, Any]:
     """Mean reward and KL to the initial policy on fixed prompts, `samples` responses each.
 
-    Sampling uses a private RNG seeded with `seed` (the caller's RNG is untouched), so two policies
-    evaluated with the same arguments answer the same prompts with the same random numbers.
+    Sampling uses a private RNG seeded from `seed` and each batch's position (the caller's RNG is
+    untouched), so two policies evaluated with the same arguments answer the same prompts with the
+    same random numbers, however the batches are shared out.
+    shard, gather: (rank, processes) and a function gathering a list from every process
+    (accelerate.utils.gather_object): each process evaluates every `processes`-th batch and all
+    get the whole result, the same as one process's.
     Returns reward_mean, reward_se (standard error over responses), kl (mean over responses of
     the k3 estimate summed over tokens) and kl_se (its standard error over prompts, each prompt's
     samples averaged first: they share the prompt), rewards and kls (per response, prompt-major,
@@ -49,12 +54,14 @@ def evaluate_policy(policy: SharedTrunkPolicy, tokenizer, reward_model, prompts:
     policy.eval()
     device = next(policy.parameters()).device
     rows = [p for p in prompts for _ in range(samples)]
-    rewards, kls, lengths, stops, examples = [], [], [], [], []
+    starts = range(0, len(rows), batch_size)
+    rank, processes = shard
+    done = {}   # batch position -> its (rewards, kls, lengths, stops, examples)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+        for i in range(rank, len(starts), processes):
+            torch.manual_seed(seed * 1_000_003 + i)   # the batch's own random numbers, wherever it runs
+            chunk = rows[starts[i]:starts[i] + batch_size]
             with autocast():
                 batch = generate(policy.model, tokenizer, chunk, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, top_k=top_k, do_sample=temperature > 0,
@@ -63,20 +70,23 @@ def evaluate_policy(policy: SharedTrunkPolicy, tokenizer, reward_model, prompts:
                 out = policy(batch.input_ids, batch.attention_mask, batch.response_start, with_ref=True,
                              trunk=batch.trunk)
             mask = batch.response_mask
-            kls.append((kl_penalty(out["logprobs"], out["ref_logprobs"], "k3") * mask).sum(-1).cpu())
-            lengths.append(mask.sum(-1).float().cpu())
-            stops.append(ended_with_stop(batch, tokenizer).float().cpu())
             responses = [r.strip() for r in batch.responses]
-            rewards.append(reward_model.score(chunk, responses, batch_size=batch_size).float().cpu())
-            examples += [{"prompt": p[-1]["content"], "response": r} for p, r in zip(chunk, responses)]
+            done[i] = ((kl_penalty(out["logprobs"], out["ref_logprobs"], "k3") * mask).sum(-1).tolist(),
+                       reward_model.score(chunk, responses, batch_size=batch_size).float().tolist(),
+                       mask.sum(-1).float().tolist(), ended_with_stop(batch, tokenizer).float().tolist(),
+                       [{"prompt": p[-1]["content"], "response": r} for p, r in zip(chunk, responses)])
     policy.train(was_training)
-    r, k = torch.cat(rewards), torch.cat(kls)
+    if processes > 1:
+        done = {i: part for shard_done in gather([done]) for i, part in shard_done.items()}
+    parts = [done[i] for i in range(len(starts))]
+    k, r, lengths, stops = (torch.tensor([v for part in parts for v in part[j]]) for j in range(4))
+    examples = [e for part in parts for e in part[4]]
     for e, reward in zip(examples, r.tolist()):
         e["reward"] = reward
     return {"reward_mean": r.mean().item(), "reward_se": (r.std() / math.sqrt(len(r))).item() if len(r) > 1 else 0.0,
             "kl": k.mean().item(), "kl_se": _prompt_se(k, samples), "kls": k.tolist(),
-            "response_length": torch.cat(lengths).mean().item(),
-            "stop_frac": torch.cat(stops).mean().item(), "num_responses": len(r), "samples": samples, "rewards": r.tolist(),
+            "response_length": lengths.mean().item(),
+            "stop_frac": stops.mean().item(), "num_responses": len(r), "samples": samples, "rewards": r.tolist(),
             "examples": examples}
 
 

@@ -4,9 +4,14 @@ The online loop (policy.online) is the same for the three methods: sample, score
 forward for the old / reference log-probs and values, then epochs of minibatch updates. What
 differs is here, each method readable top to bottom:
 
-    targets(cfg, b) -> the tensors its loss reads (advantages and returns, or the pair's reward
-                       difference), one row per response, and stats to log
-    loss(cfg, out, mb) -> (loss, stats) of one micro-batch
+    targets(cfg, b, total) -> the tensors its loss reads (advantages and returns, or the pair's
+                       reward difference), one row per response, and stats to log; `total` sums a
+                       tensor over the processes (the batch's statistics are the whole batch's)
+    loss(cfg, out, mb) -> (loss, stats) of one micro-batch: a mean over its response tokens
+                       (APA, PPO) or its pairs (P3O)
+    row_weight(b)       -> (B,) what each row counts for in that mean (its response tokens, or half
+                       a pair), so the loop can weight micro-batches into the mean over a minibatch
+                       spread across processes
 
 `b` holds the rollout batch, one row per response (B rows, R response positions):
     mask (B, R)          response tokens (not padding)
@@ -26,8 +31,8 @@ of 8 rollouts, lr 3e-3; gain in held-out reward per seed 0, 1, 2, s.e. of each a
   microsoft/RLHF-APA trains its own critic with an unclipped value loss and vf_coef 1. Measured
   for APA: ours +0.10 / -0.03 / +0.11, the authors' vf_coef 1 unclipped +0.04 / +0.11 / +0.11,
   no value loss at all (vf_coef 0) +0.12 / +0.01 / +0.23: no effect beyond the noise;
-- advantages are whitened per process and per rollout batch, masked (the authors: unmasked, per
-  minibatch). With lam 0.1 either way the target A / lam is about +-10 nats a token, so the pull
+- advantages are whitened over the rollout batch (all processes together), masked (the authors:
+  unmasked, per minibatch). With lam 0.1 either way the target A / lam is about +-10 nats a token, so the pull
   towards pi_init (the log-ratio term) is about a tenth of the advantage term until log(pi /
   pi_init) reaches several nats: early on APA moves like an unclipped policy gradient. Measured
   for APA, seeds 0-4 (all held-out prompts): whitened +0.10 / -0.03 / +0.11 / +0.21 / +0.21
@@ -54,35 +59,51 @@ from typing import Callable
 
 import torch
 
-from starling_lib.losses import (apa_loss, gae, kl_penalty, masked_mean, masked_whiten, p3o_authors_loss, p3o_loss,
-                                 ppo_policy_loss, ppo_value_loss)
+from starling_lib.losses import (apa_loss, gae, kl_penalty, local_sum, masked_mean, masked_whiten, p3o_authors_loss,
+                                 p3o_loss, ppo_policy_loss, ppo_value_loss)
 from starling_lib.policy.config import PolicyTrainConfig
 from starling_lib.rollout import per_token_rewards
 
 Tensors = dict[str, torch.Tensor]
+Total = Callable[[torch.Tensor], torch.Tensor]   # sums a tensor over processes (local_sum on one)
 
 
-def normalize_scores(scores: torch.Tensor, kind: str, group: int = 1) -> torch.Tensor:
+def normalize_scores(scores: torch.Tensor, kind: str, group: int = 1, total: Total = local_sum) -> torch.Tensor:
     """Reward-model scores (B,) of one rollout batch: as they are ("none"), minus their mean
     ("center"), standardised ("whiten"), or minus the mean of their prompt's `group` responses
-    ("prompt"; the batch holds each prompt's responses in consecutive rows)."""
+    ("prompt"; the batch holds each prompt's responses in consecutive rows). The mean and standard
+    deviation are the whole batch's, over every process (`total`)."""
     if kind == "none":
         return scores
     if kind == "prompt":
         b_groups = scores.view(-1, group)                                   # (prompts, group)
         return (b_groups - b_groups.mean(1, keepdim=True)).flatten()
-    centered = scores - scores.mean()
+    n = total(scores.new_tensor(float(len(scores))))
+    centered = scores - total(scores.sum()) / n
     if kind == "center":
         return centered
-    return centered / (scores.std() + 1e-8) if len(scores) > 1 else centered
+    if n.item() < 2:
+        return centered
+    std = (total((centered ** 2).sum()) / (n - 1)).sqrt()                  # unbiased, as Tensor.std
+    return centered / (std + 1e-8)
 
 
-def _gae_targets(cfg: PolicyTrainConfig, b: Tensors, b_rewards: torch.Tensor) -> Tensors:
-    """Advantages (whitened if asked) and returns by GAE from per-token rewards (B, R)."""
+def _gae_targets(cfg: PolicyTrainConfig, b: Tensors, b_rewards: torch.Tensor, total: Total) -> Tensors:
+    """Advantages (whitened over the whole batch if asked) and returns by GAE from per-token rewards (B, R)."""
     b_advantages, b_returns = gae(b_rewards, b["values"], b["mask"], cfg.gamma, cfg.gae_lambda)
     if cfg.whiten_advantages:
-        b_advantages = masked_whiten(b_advantages, b["mask"])
+        b_advantages = masked_whiten(b_advantages, b["mask"], total=total)
     return {"advantages": b_advantages, "returns": b_returns}
+
+
+def token_weight(b: Tensors) -> torch.Tensor:
+    """(B,) APA's and PPO's losses are means over response tokens: a row counts its tokens."""
+    return b["mask"].sum(-1).float()
+
+
+def pair_weight(b: Tensors) -> torch.Tensor:
+    """(B,) P3O's loss is a mean over pairs: a row is half of one."""
+    return torch.full((len(b["mask"]),), 0.5, device=b["mask"].device)
 
 
 def _value_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tuple[torch.Tensor, dict]:
@@ -94,9 +115,9 @@ def _value_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tuple[torc
 # The loss itself anchors the policy to pi_init, so the reward carries no KL term.
 
 
-def apa_targets(cfg: PolicyTrainConfig, b: Tensors) -> tuple[Tensors, dict]:
+def apa_targets(cfg: PolicyTrainConfig, b: Tensors, total: Total = local_sum) -> tuple[Tensors, dict]:
     b_rewards = per_token_rewards(b["scores"], b["kl"], b["mask"], beta=0.0)   # the RM score on the last token
-    return _gae_targets(cfg, b, b_rewards), {}
+    return _gae_targets(cfg, b, b_rewards, total), {}
 
 
 def apa_minibatch_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tuple[torch.Tensor, dict]:
@@ -113,9 +134,9 @@ def apa_minibatch_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tup
 # KL to pi_init folded into the per-token reward.
 
 
-def ppo_targets(cfg: PolicyTrainConfig, b: Tensors) -> tuple[Tensors, dict]:
+def ppo_targets(cfg: PolicyTrainConfig, b: Tensors, total: Total = local_sum) -> tuple[Tensors, dict]:
     b_rewards = per_token_rewards(b["scores"], b["kl"], b["mask"], beta=cfg.beta)   # score - beta * KL_t
-    return _gae_targets(cfg, b, b_rewards), {"non_score_reward": -cfg.beta * b["kl"].sum(-1).mean()}
+    return _gae_targets(cfg, b, b_rewards, total), {"non_score_reward": -cfg.beta * b["kl"].sum(-1).mean()}
 
 
 def ppo_minibatch_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tuple[torch.Tensor, dict]:
@@ -132,7 +153,7 @@ def ppo_minibatch_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tup
 # read the reward difference fixed at rollout.
 
 
-def p3o_targets(cfg: PolicyTrainConfig, b: Tensors) -> tuple[Tensors, dict]:
+def p3o_targets(cfg: PolicyTrainConfig, b: Tensors, total: Total = local_sum) -> tuple[Tensors, dict]:
     b_seq_rewards = b["scores"] - cfg.beta * b["kl"].sum(-1)                   # (B,) r_i = RM(y_i) - beta KL_i
     # (B,) with each pair's r_1 - r_2 on both of its rows; the loss reads it from the first.
     return {"reward_diff": (b_seq_rewards[0::2] - b_seq_rewards[1::2]).repeat_interleave(2)}, {}
@@ -157,13 +178,14 @@ def p3o_minibatch_loss(cfg: PolicyTrainConfig, out: Tensors, mb: Tensors) -> tup
 class OnlineMethod:
     """An online method as the loop sees it."""
 
-    targets: Callable[[PolicyTrainConfig, Tensors], tuple[Tensors, dict]]
+    targets: Callable[[PolicyTrainConfig, Tensors, Total], tuple[Tensors, dict]]
     loss: Callable[[PolicyTrainConfig, Tensors, Tensors], tuple[torch.Tensor, dict]]
+    row_weight: Callable[[Tensors], torch.Tensor]   # (B,) each row's share of the loss's mean
     critic: bool   # whether it has a value head (its rollout forward computes values)
 
 
 ONLINE_METHODS = {
-    "apa": OnlineMethod(apa_targets, apa_minibatch_loss, critic=True),
-    "ppo": OnlineMethod(ppo_targets, ppo_minibatch_loss, critic=True),
-    "p3o": OnlineMethod(p3o_targets, p3o_minibatch_loss, critic=False),
+    "apa": OnlineMethod(apa_targets, apa_minibatch_loss, token_weight, critic=True),
+    "ppo": OnlineMethod(ppo_targets, ppo_minibatch_loss, token_weight, critic=True),
+    "p3o": OnlineMethod(p3o_targets, p3o_minibatch_loss, pair_weight, critic=False),
 }

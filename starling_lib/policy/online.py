@@ -15,7 +15,7 @@ policy.methods, one block each:
       per-token KL to the reference; the method's targets (advantages, or P3O's reward difference)
       for each of `epochs_per_batch` epochs, for each shuffled minibatch (one optimizer step,
       its gradient accumulated over micro-batches): the method's loss, through the top layers only
-      log reward, KL to the initial policy, entropy, response length, clip fraction, value loss,
+      log reward, KL to the initial policy, entropy, response length, clip fraction, value loss, gradient norm,
           and the seconds each phase took (time_generate_s, time_score_s, time_forward_s, time_update_s)
 
 In a notebook (one device):
@@ -26,6 +26,14 @@ On many GPUs (accelerate; DDP is the natural fit, as only the top layers train):
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m starling_lib.policy configs/policy/starling_apa_7b.yaml
 
+The batch sizes are global at any world size: a step's prompts are shared out among the processes
+(the first few take one more when they do not divide: 64 rollouts on 7 GPUs are 10 + 6 x 9), the
+minibatches are drawn from the whole batch by a shuffle every process makes alike, and each
+process trains on its own rows of a minibatch, weighted by their share of the minibatch's response
+tokens (P3O: pairs). Score baselines and advantage whitening use the whole batch's statistics.
+So the update is the mean over the global minibatch, as on one process, whatever the world size
+and micro_batch_size (tests/test_policy.py compares 1 and 3 processes).
+
 Checkpoints (`checkpoint_every`) hold the model, optimizer, scheduler and RNG states
 (`accelerator.save_state`, training.save_checkpoint); the prompts and the sampling seed of a step
 are functions of (seed, step), so a resumed run ends with the same weights as an uninterrupted one.
@@ -33,7 +41,7 @@ are functions of (seed, step), so a resumed run ends with the same weights as an
 Departures from the papers and Starling (all documented in PolicyTrainConfig too):
 - the reference shares the trunk with the policy (rollout.SharedTrunkPolicy), and the value head
   sits on the policy's last hidden state (PPO's critic shares the trainable layers);
-- advantages are whitened per process (not over all processes) and per rollout batch;
+- advantages are whitened per rollout batch (over every process's share of it);
 - the reward model scores each response as a finished turn (its chat format's end of turn
   appended) even when it was cut at max_new_tokens; no penalty for a missing end of turn;
 - prompts longer than `max_prompt_tokens` are skipped, not truncated;
@@ -57,7 +65,7 @@ from starling_lib.policy.config import PolicyTrainConfig, PolicyTrainResult
 from starling_lib.policy.evaluate import ended_with_stop, eval_settings, evaluate_policy
 from starling_lib.policy.io import save_policy
 from starling_lib.policy.methods import ONLINE_METHODS, normalize_scores
-from starling_lib.policy.prompts import load_prompts, resolve_policy, step_prompts
+from starling_lib.policy.prompts import load_prompts, process_units, resolve_policy, step_prompts
 from starling_lib.reward_client import RemoteRewardModel, RewardServerError, load_reward_scorer
 from starling_lib.rollout import SharedTrunkPolicy, generate, iterate_minibatches
 from starling_lib.training import (checkpoint_damage, checkpoints, lr_lambda, make_accelerator, resume_point,
@@ -81,15 +89,21 @@ def check_not_fsdp(accelerator) -> None:
                          "configs/accelerate/ddp.yaml")
 
 
+def check_world_size(cfg: PolicyTrainConfig, num_processes: int) -> None:
+    """Every process needs at least one prompt of each step; sizes need not divide (see the module doc)."""
+    units = cfg.rollouts_per_step // cfg.samples_per_prompt
+    if units < num_processes:
+        each = f" ({cfg.samples_per_prompt} responses each)" if cfg.samples_per_prompt > 1 else ""
+        raise ValueError(f"rollouts_per_step={cfg.rollouts_per_step} is {units} prompt(s) a step{each}, fewer than the "
+                         f"{num_processes} processes: each process samples at least one. Raise rollouts_per_step to "
+                         f"{num_processes * cfg.samples_per_prompt} or more, or launch at most {units} processes.")
+
+
 def policy_accelerator(cfg: PolicyTrainConfig):
-    """training.make_accelerator, then the checks of this trainer: no FSDP, batches that split into the processes."""
+    """training.make_accelerator, then the checks of this trainer: no FSDP, a prompt for every process."""
     accelerator = make_accelerator(cfg)
     check_not_fsdp(accelerator)
-    n, unit = accelerator.num_processes, cfg.samples_per_prompt
-    if cfg.rollouts_per_step % (n * unit) or cfg.minibatch_size % (n * unit):
-        raise ValueError(f"rollouts_per_step={cfg.rollouts_per_step} and minibatch_size={cfg.minibatch_size} must "
-                         f"split evenly into {n} process(es)" + (f" in whole prompts ({unit} responses each)"
-                                                                  if unit > 1 else ""))
+    check_world_size(cfg, accelerator.num_processes)
     return accelerator
 
 
@@ -107,6 +121,32 @@ def load_policy(cfg: PolicyTrainConfig, device: torch.device) -> tuple[SharedTru
 def _chunks(indices: torch.Tensor, size: int):
     for i in range(0, len(indices), size):
         yield indices[i:i + size]
+
+
+def _rows(units: torch.Tensor, unit: int) -> torch.Tensor:
+    """Row indices of training units (a prompt's `unit` consecutive responses: P3O's pair)."""
+    return (units.unsqueeze(1) * unit + torch.arange(unit)).flatten()
+
+
+def local_minibatches(n_units: int, units_per_minibatch: int, epochs: int, mine: range,
+                      generator: torch.Generator) -> list[torch.Tensor]:
+    """Each minibatch of a step's updates (all epochs), as this process's units of it (0-based in
+    its own rows; possibly none). The shuffle is of the global batch, the same on every process."""
+    out = []
+    for _ in range(epochs):
+        for g_units in iterate_minibatches(n_units, units_per_minibatch, generator):   # global unit positions
+            out.append(g_units[(g_units >= mine.start) & (g_units < mine.stop)] - mine.start)
+    return out
+
+
+def _weighted_means(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], total, device) -> dict[str, float]:
+    """{name: (local mean, local weight)} -> {name: the mean over every process}, in one collective."""
+    names = sorted(pairs)
+    values = torch.stack([torch.stack([torch.as_tensor(m, device=device).float() * torch.as_tensor(w, device=device),
+                                       torch.as_tensor(w, device=device).float()]) for m, w in
+                          (pairs[k] for k in names)])                                   # (metrics, 2)
+    sums = total(values)
+    return {k: s / w if w > 0 else 0.0 for k, (s, w) in zip(names, sums.tolist())}
 
 
 class _PhaseClock:
@@ -179,7 +219,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
     initial_eval: the initial policy's evaluation with this config's settings (`evaluate_initial`),
         taken as the step-0 evaluation instead of computing it again.
     """
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
 
     if cfg.method not in ONLINE_METHODS:
@@ -215,8 +255,13 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
     tracking.start(accelerator, f"policy_{method}", cfg.fingerprint())   # TensorBoard etc., as cfg.report_to says
     rank, n_proc = accelerator.process_index, accelerator.num_processes
     unit = cfg.samples_per_prompt                     # rows per training unit: a prompt's responses (P3O: its pair)
-    units_per_minibatch = cfg.minibatch_size // n_proc // unit
+    n_units = cfg.rollouts_per_step // unit           # a step's units over all processes
+    mine = process_units(n_units, rank, n_proc)       # the ones this process samples and trains on
+    units_per_minibatch = cfg.minibatch_size // unit  # global, as the recipe says
     units_per_micro = cfg.micro_batch_size // unit
+
+    def total(t: torch.Tensor) -> torch.Tensor:       # the sum over processes
+        return accelerator.reduce(t, reduction="sum") if n_proc > 1 else t
     eval_s, eval_details = 0.0, []
 
     def run_eval(step: int) -> None:
@@ -226,7 +271,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
             e = initial_eval                # the policy is still the initial one
         else:
             e = evaluate_policy(unwrapped, tokenizer, reward_model, eval_prompts, **eval_settings(cfg),
-                                autocast=accelerator.autocast)
+                                autocast=accelerator.autocast, shard=(rank, n_proc), gather=gather_object)
         if not any(r["step"] == step for r in evals):   # a run resumed at its end has this record already
             evals.append({"step": step, **{f"policy/{method}/eval_{k}": v for k, v in e.items()
                                            if k not in ("examples", "rewards")}})
@@ -277,47 +322,64 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
 
         # ---- 2. the method's targets; b holds what the losses read, one row per response
         b = {"mask": b_mask, "old_logprobs": b_old_logprobs, "ref_logprobs": b_ref_logprobs, "kl": b_kl,
-             "scores": normalize_scores(b_scores, cfg.score_norm, cfg.samples_per_prompt)}
+             "scores": normalize_scores(b_scores, cfg.score_norm, cfg.samples_per_prompt, total)}
         if algo.critic:
             b["values"] = torch.cat([o["values"] for o in outs]) * b_mask
-        b_targets, b_target_stats = algo.targets(cfg, b)
+        b_targets, b_target_stats = algo.targets(cfg, b, total)
         b.update(b_targets)
         clock.lap("forward")
 
-        # ---- 3. epochs of minibatch updates; each minibatch is one optimizer step, accumulated over micro-batches
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank))
-        b_stats = []
-        for _ in range(cfg.epochs_per_batch):
-            for mb_units in iterate_minibatches(len(b_prompts) // unit, units_per_minibatch, gen):
-                micros = list(_chunks(mb_units, units_per_micro))
-                for i, micro_units in enumerate(micros):
-                    rows = (micro_units.unsqueeze(1) * unit + torch.arange(unit)).flatten()   # P3O: both of a pair
-                    # DDP averages gradients over processes only on the last micro-batch of the minibatch.
-                    with contextlib.nullcontext() if i == len(micros) - 1 else accelerator.no_sync(policy):
-                        mb_out = policy(batch.input_ids[rows], batch.attention_mask[rows], batch.response_start,
-                                        with_values=algo.critic, trunk=b_trunk[rows] if cfg.cache_trunk else None)
-                        loss, stats = algo.loss(cfg, mb_out, {k: v[rows] for k, v in b.items()})
-                        accelerator.backward(loss / len(micros))
-                    b_stats.append({k: float(v) for k, v in stats.items()})
-                if cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        # ---- 3. epochs of minibatch updates; each minibatch is one optimizer step, accumulated over
+        # micro-batches. A minibatch is drawn from the global batch (the same shuffle on every process);
+        # each process trains on its own units of it, each micro-batch weighted by its share of the whole
+        # minibatch's weight (response tokens; P3O: pairs), so the gradient DDP averages is the minibatch's.
+        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, 0))
+        mb_local = local_minibatches(n_units, units_per_minibatch, cfg.epochs_per_batch, mine, gen)
+        b_unit_weight = algo.row_weight(b).view(-1, unit).sum(1)                        # (units,)
+        mb_weights = total(torch.stack([b_unit_weight[u].sum() for u in mb_local]))     # (minibatches,), global
+        stat_sums, stat_weight, grad_norms = {}, 0.0, []
+        for mb_units, mb_weight in zip(mb_local, mb_weights.tolist()):
+            # None: no unit of this minibatch is here; a zero-weight pass still joins DDP's gradient average.
+            micros = list(_chunks(mb_units, units_per_micro)) or [None]
+            for i, micro_units in enumerate(micros):
+                rows = _rows(torch.zeros(1, dtype=torch.long) if micro_units is None else micro_units, unit)
+                weight = 0.0 if micro_units is None else b_unit_weight[micro_units].sum().item()
+                # DDP averages gradients over processes only on the last micro-batch of the minibatch.
+                with contextlib.nullcontext() if i == len(micros) - 1 else accelerator.no_sync(policy):
+                    mb_out = policy(batch.input_ids[rows], batch.attention_mask[rows], batch.response_start,
+                                    with_values=algo.critic, trunk=b_trunk[rows] if cfg.cache_trunk else None)
+                    loss, stats = algo.loss(cfg, mb_out, {k: v[rows] for k, v in b.items()})
+                    share = weight / mb_weight if mb_weight > 0 else 0.0
+                    accelerator.backward(loss * (share * n_proc))   # x n_proc: DDP divides the sum by it
+                if weight > 0:
+                    for k, v in stats.items():
+                        stat_sums[k] = stat_sums.get(k, 0.0) + float(v) * weight
+                    stat_weight += weight
+            # the minibatch's gradient norm before clipping (inf: measure, do not clip); DeepSpeed clips itself
+            norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                               else float("inf"))
+            if norm is not None:
+                grad_norms.append(float(norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         pushed = engines.sync_weights(unwrapped.model) or pushed   # vllm engines: the trained layers (hf: none)
         clock.lap("update")
 
-        # ---- 4. metrics: this process's means, then the mean over processes
-        local = {"reward_mean": b_scores.mean(),
-                 "reward_std": b_scores.std() if len(b_scores) > 1 else b_scores.new_zeros(()),
-                 "kl": b_kl_report.mean(), "entropy": masked_mean(b_entropy, b_mask),
-                 "response_length": b_mask.sum(-1).float().mean(),
-                 "stop_frac": ended_with_stop(batch, tokenizer).float().mean(), **b_target_stats}
-        for k in b_stats[0]:
-            local[k] = torch.tensor(sum(s[k] for s in b_stats) / len(b_stats), device=device)
-        names = sorted(local)
-        g = accelerator.reduce(torch.stack([local[k].float().to(device) for k in names]), reduction="mean")
-        record = {"step": step + 1, **{f"policy/{method}/{k}": v for k, v in zip(names, g.tolist())},
+        # ---- 4. metrics of the whole batch: each a mean over every process's rows (or tokens, or the
+        # update's weight), the same at any world size
+        n_rows, n_tokens = float(len(b_scores)), b_mask.sum()
+        local = {"reward_mean": (b_scores.mean(), n_rows), "reward_sq": ((b_scores ** 2).mean(), n_rows),
+                 "kl": (b_kl_report.mean(), n_rows), "entropy": (masked_mean(b_entropy, b_mask), n_tokens),
+                 "response_length": (b_mask.sum(-1).float().mean(), n_rows),
+                 "stop_frac": (ended_with_stop(batch, tokenizer).float().mean(), n_rows),
+                 **{k: (v, n_rows) for k, v in b_target_stats.items()},
+                 **{k: (v / max(stat_weight, 1e-12), stat_weight) for k, v in stat_sums.items()},
+                 **({"grad_norm": (sum(grad_norms) / len(grad_norms), 1.0)} if grad_norms else {})}
+        g = _weighted_means(local, total, device)
+        n_all = cfg.rollouts_per_step                                                   # rows over all processes
+        g["reward_std"] = (max(g.pop("reward_sq") - g["reward_mean"] ** 2, 0.0) * n_all / max(n_all - 1, 1)) ** 0.5
+        record = {"step": step + 1, **{f"policy/{method}/{k}": v for k, v in sorted(g.items())},
                   f"policy/{method}/lr": scheduler.get_last_lr()[0],
                   f"policy/{method}/elapsed_s": time.perf_counter() - t0 - eval_s,
                   **{f"policy/{method}/time_{k}_s": v for k, v in clock.laps.items()}}
