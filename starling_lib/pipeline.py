@@ -71,7 +71,7 @@ from starling_lib.runs import (CREDENTIAL_NAME, CREDENTIAL_VALUE, REPO_ROOT, git
 OUTPUTS_DIR = REPO_ROOT / "papermill_runs" / "outputs"
 KERNEL = "python3"
 
-CONFIG_KEYS = {"name", "description", "parameters", "notebooks"}
+CONFIG_KEYS = {"name", "description", "parameters", "launch", "notebooks"}  # launch: starling_lib/launch.py
 ENTRY_KEYS = {"path", "parameters", "optional"}
 RESERVED = {"run_dir"}  # set by the runner for every notebook
 
@@ -135,6 +135,7 @@ class Config:
     entries: list[Entry]
     overrides: dict[str, Any] = field(default_factory=dict)
     keys_in_file: set[str] = field(default_factory=set)  # every parameter name the YAML mentions
+    launch: dict[str, Any] | None = None   # the `launch` section (make gpu's trainer runs), read by starling_lib.launch
 
     def as_dict(self) -> dict[str, Any]:
         """The config as run (overrides applied), for config.yaml and summary.json."""
@@ -144,6 +145,7 @@ class Config:
             "parameters": dict(self.parameters),
             "notebooks": [{"path": e.spec, "parameters": dict(e.parameters),
                            **({"optional": True} if e.optional else {})} for e in self.entries],
+            **({"launch": self.launch} if self.launch is not None else {}),
         }
 
 
@@ -190,6 +192,10 @@ def load_config(config_path: str | os.PathLike, overrides: Mapping[str, Any] | N
     shared = raw.get("parameters") or {}
     if not isinstance(shared, dict):
         raise PipelineError(f"{where}: `parameters` must be a mapping of name: value")
+    launch = raw.get("launch")
+    if launch is not None and not isinstance(launch, dict):
+        raise PipelineError(f"{where}: `launch` must be a mapping of stage: settings (see starling_lib/launch.py); "
+                            f"the notebooks-only runner ignores it")
 
     entries = []
     for i, item in enumerate(raw["notebooks"]):
@@ -228,7 +234,8 @@ def load_config(config_path: str | os.PathLike, overrides: Mapping[str, Any] | N
     shared = {**shared, **overrides}
     for e in entries:
         e.parameters.update({k: v for k, v in overrides.items() if k in e.parameters})
-    return Config(path, name, str(raw.get("description") or ""), shared, entries, overrides, keys_in_file)
+    return Config(path, name, str(raw.get("description") or ""), shared, entries, overrides, keys_in_file,
+                  dict(launch) if launch is not None else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,10 +547,19 @@ def _record_typed_overrides(config: Config, steps: Sequence[tuple[Entry, dict[st
 
 def plan_run(config_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
              only: Sequence[str] | str | None = None, overrides: Mapping[str, Any] | None = None,
-             *, kernel: str = KERNEL) -> RunPlan:
+             *, kernel: str = KERNEL, entry_parameters: Mapping[str, Mapping[str, Any]] | None = None) -> RunPlan:
     """Check a run without starting it (nothing is written): the config, the notebooks, their
-    parameters and the `--set` keys. Raises PipelineError naming what is wrong."""
+    parameters and the `--set` keys. Raises PipelineError naming what is wrong.
+
+    entry_parameters: {stem: {name: value}} set on those notebooks after the config and `--set`
+    (starling_lib.launch gives notebooks 03 and 04 the artifacts it trained); checked like the rest."""
     config = load_config(config_path, overrides)
+    for stem, extra in (entry_parameters or {}).items():
+        entry = next((e for e in config.entries if e.stem == stem), None)
+        if entry is None:
+            raise PipelineError(f"config {config.path}: no notebook {stem!r} to give {sorted(extra)}")
+        _check_secrets(f"config {config.path}: {entry.spec}", extra)
+        entry.parameters.update(extra)
     if isinstance(only, str):
         only = only.split(",")
     selected = _select(config.entries, only)

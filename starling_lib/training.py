@@ -399,7 +399,8 @@ def mixed_precision(cfg: Any) -> str | None:
 def config_main(config_cls, train: Callable, argv: Sequence[str] | None, prog: str, description: str,
                 example: str) -> int:
     """The trainers' command line: read a config (YAML + `--set`), train, print the last record as
-    JSON and write output_dir/history.json (rank 0 only)."""
+    JSON and write output_dir/history.json (rank 0 only; `run_record`), from which a notebook
+    reports a run trained outside it (starling_lib/artifacts.py)."""
     import argparse
 
     from starling_lib.runs import load_dataclass_config
@@ -417,7 +418,35 @@ def config_main(config_cls, train: Callable, argv: Sequence[str] | None, prog: s
         print(json.dumps({**what, "steps": cfg.steps, "wall_s": round(result.wall_s, 2), **result.extra, **last},
                          sort_keys=True, default=str))
         if cfg.output_dir:
-            (Path(cfg.output_dir) / "history.json").write_text(
-                json.dumps({"history": result.history, "evals": evals}, indent=1) + "\n")
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            write_text_atomically(Path(cfg.output_dir) / HISTORY_FILE,
+                                  json.dumps(run_record(cfg, result), indent=1, default=_jsonable) + "\n")
     sys.stdout.flush()
     return 0
+
+
+HISTORY_FILE = "history.json"   # what config_main writes in output_dir
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):   # numpy / torch arrays and scalars
+        return value.tolist()
+    return str(value)
+
+
+def run_record(cfg: Any, result: Any) -> dict:
+    """What output_dir/history.json holds: everything of a trainer's result but the model.
+
+    history, evals: the per-step and per-evaluation records (as the result's);
+    eval_details: the evaluations' full output (per-response rewards and KLs, examples), where the
+        trainer returns them (the policy trainers), for paired comparisons by prompt;
+    result: steps_run, wall_s, eval_s, sequences, tokens (where the trainer counts them) and
+        extra, as the result of this invocation (a resumed run's count from its resume);
+    config: every setting of the run (dataclasses.asdict of its config).
+    """
+    summary = {name: getattr(result, name) for name in ("steps_run", "wall_s", "eval_s", "sequences", "tokens")
+               if hasattr(result, name)}
+    return {"history": result.history, "evals": getattr(result, "evals", []),
+            "eval_details": getattr(result, "eval_details", []),
+            "result": {**summary, "extra": dict(getattr(result, "extra", {}) or {})},
+            "config": dataclasses.asdict(cfg)}
