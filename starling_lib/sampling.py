@@ -49,8 +49,11 @@ def supports_fast_sampling(model, total_length: int = 0) -> bool:
         return False
     if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         return False
-    if hasattr(model, "peft_config") or not hasattr(getattr(model, "model", None), "layers"):
-        return False   # adapters wrap the projections in ways this loop does not call
+    if not hasattr(getattr(model, "model", None), "layers"):
+        return False   # a PeftModel wrapper: its base model (get_base_model()) is what this loop runs
+    adapters = getattr(model, "peft_config", None) or {}
+    if any(getattr(c.peft_type, "value", c.peft_type) != "LORA" for c in adapters.values()):
+        return False   # prompt-learning adapters change attention in ways this loop does not call
     if is_sharded(model):
         return False
     window = getattr(config, "sliding_window", None)

@@ -374,6 +374,11 @@ def test_configs_load_and_validate(tmp_path):
     assert (starling.policy, starling.method, starling.lam, starling.lr, starling.unfrozen_layers, starling.minibatch_size,
             starling.rollouts_per_step, starling.epochs_per_batch, starling.max_new_tokens) == \
         ("openchat/openchat_3.5", "apa", 0.1, 2e-7, 4, 28, 64, 2, 1024)
+    lora = load_config(REPO / "configs/policy/starling_apa_7b_lora.yaml")
+    assert (lora.lora_r, lora.unfrozen_layers, lora.cache_trunk) == (16, -1, False)
+    assert {k: v for k, v in dataclasses.asdict(lora).items() if getattr(starling, k) != v} == {
+        "lora_r": 16, "lora_alpha": 32, "unfrozen_layers": -1, "cache_trunk": False, "lr": 1e-5,
+        "output_dir": "policy_runs/starling_apa_7b_lora"}    # otherwise Starling's recipe
     assert load_config(None, ["lr=1e-5", "method=ppo", "steps=3"]).lr == 1e-5
     assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"    # not YAML's False
     with pytest.raises(ValueError, match="did you mean 'lam'"):

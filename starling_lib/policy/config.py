@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Sequence
 
 from starling_lib import tracking
 from starling_lib.reward_client import check_server_url, is_reward_server_url
-from starling_lib.sampling import ENGINES
+from starling_lib.sampling import ENGINES, SERVING_ENGINES
 from starling_lib.training import TrainConfig
 
 METHODS = ("apa", "ppo", "p3o", "dpo")
@@ -122,7 +122,16 @@ class PolicyTrainConfig(TrainConfig):
 
     unfrozen_layers: int = 2
     """Top decoder layers trained (and duplicated as the frozen reference). Starling: 4 of 32;
-    the tiny model has 4 layers."""
+    the tiny model has 4 layers. With `lora_r`, the top layers that get adapters; -1 all."""
+
+    lora_r: int = 0
+    """Rank of LoRA adapters (peft) on every linear layer of the top `unfrozen_layers` layers, which
+    then train instead of the layers themselves; the reference is the same weights with the
+    adapters off (starling_lib.lora_policy). 0: no LoRA. Online methods only; no trunk cache, and
+    not with the vLLM engines. Ours: Starling trained the top 4 layers."""
+
+    lora_alpha: float = 0.0
+    """LoRA's scale numerator (the update is alpha / r x B A); 0 means 2 x lora_r."""
 
     score_norm: str = "center"
     """What the RM scores go through before they become rewards: "none"; "center" (subtract the
@@ -236,6 +245,19 @@ class PolicyTrainConfig(TrainConfig):
                           max_new_tokens=(1, True), max_prompt_tokens=(1, True), eval_samples=(1, True),
                           eval_batch_size=(1, True), lam=(0.0, False), beta=(0.0, True), clip_eps=(0.0, False),
                           dpo_beta=(0.0, False), temperature=(0.0, True), p3o_ratio_clip=(1.0, True))
+        self.check_ranges(lora_r=(0, True), lora_alpha=(0.0, True))
+        if self.lora_r:
+            if self.method == "dpo":
+                raise ValueError("lora_r: LoRA is implemented for the online methods (apa, ppo, p3o), not for dpo")
+            if self.rollout_engine in SERVING_ENGINES:
+                raise ValueError(f"lora_r: rollout_engine {self.rollout_engine!r} would be sent the base weights "
+                                 "without the adapters; use 'auto' (the KV-cache sampler runs them) or 'hf'")
+            if self.unfrozen_layers == 0 or self.unfrozen_layers < -1:
+                raise ValueError(f"lora_r: unfrozen_layers is the top layers that get adapters, -1 all; got "
+                                 f"{self.unfrozen_layers}")
+        elif self.unfrozen_layers < 1:
+            raise ValueError(f"unfrozen_layers must be at least 1 (-1, all layers, only with lora_r); got "
+                             f"{self.unfrozen_layers}")
         if not 0 < self.micro_batch_size <= self.minibatch_size <= self.rollouts_per_step:
             raise ValueError(f"need micro_batch_size <= minibatch_size <= rollouts_per_step, got {self.micro_batch_size}, "
                              f"{self.minibatch_size}, {self.rollouts_per_step}")

@@ -109,7 +109,8 @@ def evaluate_initial(cfg: PolicyTrainConfig, reward_model=None) -> dict[str, Any
     device = torch.device("cpu") if cfg.device == "cpu" else default_device()
     model, tokenizer = load_model_and_tokenizer(resolve_policy(cfg.policy), device=device)
     with torch.random.fork_rng(devices=[]):
-        policy = SharedTrunkPolicy(model, cfg.unfrozen_layers, value_head=False)
+        # The initial policy is its own reference whichever layers train (a LoRA run's -1: any will do).
+        policy = SharedTrunkPolicy(model, max(cfg.unfrozen_layers, 1), value_head=False)
     if reward_model is None:
         reward_model = load_reward_scorer(cfg.reward_model, device=device,
                                           dtype=torch.bfloat16 if device.type == "cuda" else None)

@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 from starling_lib import engines, tracking
+from starling_lib.lora_policy import LoraPolicy
 from starling_lib.losses import kl_penalty, masked_mean
 from starling_lib.models import load_model_and_tokenizer
 from starling_lib.policy.config import PolicyTrainConfig, PolicyTrainResult
@@ -107,12 +108,18 @@ def policy_accelerator(cfg: PolicyTrainConfig):
     return accelerator
 
 
-def load_policy(cfg: PolicyTrainConfig, device: torch.device) -> tuple[SharedTrunkPolicy, object]:
+def load_policy(cfg: PolicyTrainConfig, device: torch.device) -> tuple[SharedTrunkPolicy | LoraPolicy, object]:
     """(SharedTrunkPolicy, tokenizer): frozen weights in the device's default dtype (bf16 on a GPU),
-    the trained layers and the value head in float32 (the optimizer's master weights)."""
+    the trained layers and the value head in float32 (the optimizer's master weights). With
+    `lora_r`, a LoraPolicy: the adapters (float32, peft's default) train instead of the layers."""
     model, tokenizer = load_model_and_tokenizer(resolve_policy(cfg.policy), device=device)
+    critic = ONLINE_METHODS[cfg.method].critic
+    if cfg.lora_r:
+        with torch.random.fork_rng(devices=[]):   # the adapters' A draws random numbers: keep the run's own
+            policy = LoraPolicy(model, cfg.lora_r, cfg.lora_alpha or None, cfg.unfrozen_layers, value_head=critic)
+        return policy.eval(), tokenizer
     with torch.random.fork_rng(devices=[]):
-        policy = SharedTrunkPolicy(model, cfg.unfrozen_layers, value_head=ONLINE_METHODS[cfg.method].critic)
+        policy = SharedTrunkPolicy(model, cfg.unfrozen_layers, value_head=critic)
     for layer in policy.model.model.layers[policy.split:]:
         layer.float()
     return policy.eval(), tokenizer
@@ -245,6 +252,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))   # steps once per training step
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(policy)
+    cache_trunk = cfg.cache_trunk and unwrapped.split is not None   # a LoRA policy has no frozen trunk
 
     start_step, history, evals = 0, [], []
     if latest is not None:
@@ -296,7 +304,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
         with torch.no_grad(), accelerator.autocast():
             batch = generate(unwrapped.model, tokenizer, b_prompts, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, engine=cfg.rollout_engine,
-                             keep_trunk=unwrapped.split if cfg.cache_trunk else None)
+                             keep_trunk=unwrapped.split if cache_trunk else None)
         engines.sleep(unwrapped.model)   # a colocated vLLM engine frees its GPU memory for the update (CUDA only)
         clock.lap("generate")
         b_mask = batch.response_mask
@@ -305,14 +313,14 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
         clock.lap("score")
         # The frozen trunk's output (B, T, H) is the same in this pass and every update below: the
         # sampler kept it while generating (batch.trunk), or this pass computes it once (the hf engine).
-        outs, sampled_trunk = [], batch.trunk if cfg.cache_trunk else None
+        outs, sampled_trunk = [], batch.trunk if cache_trunk else None
         with torch.no_grad(), accelerator.autocast():
             for mb_rows in _chunks(torch.arange(len(b_prompts)), cfg.micro_batch_size):
                 outs.append(unwrapped(batch.input_ids[mb_rows], batch.attention_mask[mb_rows], batch.response_start,
                                       with_ref=True, with_values=algo.critic, with_entropy=True,
-                                      return_trunk=cfg.cache_trunk and sampled_trunk is None,
+                                      return_trunk=cache_trunk and sampled_trunk is None,
                                       trunk=None if sampled_trunk is None else sampled_trunk[mb_rows]))
-        b_trunk = None if not cfg.cache_trunk else (
+        b_trunk = None if not cache_trunk else (
             sampled_trunk if sampled_trunk is not None else torch.cat([o["trunk"] for o in outs]))
         b_old_logprobs = torch.cat([o["logprobs"] for o in outs])                    # (B, R)
         b_ref_logprobs = torch.cat([o["ref_logprobs"] for o in outs])
@@ -347,7 +355,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
                 # DDP averages gradients over processes only on the last micro-batch of the minibatch.
                 with contextlib.nullcontext() if i == len(micros) - 1 else accelerator.no_sync(policy):
                     mb_out = policy(batch.input_ids[rows], batch.attention_mask[rows], batch.response_start,
-                                    with_values=algo.critic, trunk=b_trunk[rows] if cfg.cache_trunk else None)
+                                    with_values=algo.critic, trunk=b_trunk[rows] if cache_trunk else None)
                     loss, stats = algo.loss(cfg, mb_out, {k: v[rows] for k, v in b.items()})
                     share = weight / mb_weight if mb_weight > 0 else 0.0
                     accelerator.backward(loss * (share * n_proc))   # x n_proc: DDP divides the sum by it
@@ -403,7 +411,7 @@ def train_online(cfg: PolicyTrainConfig, stop_after: int | None = None, reward_m
     if cfg.output_dir and cfg.save_policy and end_step == cfg.steps:
         policy_dir = Path(cfg.output_dir) / "policy"
         if accelerator.is_main_process:
-            save_policy(unwrapped.model, tokenizer, policy_dir,
+            save_policy(unwrapped.merged() if cfg.lora_r else unwrapped.model, tokenizer, policy_dir,
                         {"method": method, "training": cfg.fingerprint(), "steps_done": end_step})
         accelerator.wait_for_everyone()
     tracking.end(accelerator)
