@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from starling_lib.models import load_model_and_tokenizer, tiny_model_path
-from starling_lib.policy import (PolicyTrainConfig, PolicyTrainResult, check_not_fsdp, evaluate_policy, frontier_frame,
+from starling_lib.policy import (PolicyTrainConfig, PolicyTrainResult, check_strategy, evaluate_policy, frontier_frame,
                                  history_frame, load_config, load_or_train_reward_model, load_prompts,
                                  normalize_scores, phase_frame, reward_gain, step_prompts, train_policy)
 from starling_lib.policy.__main__ import main
@@ -268,15 +268,17 @@ def test_step_prompts_pairs_for_p3o_and_shares_per_process(tiny_cfg):
     assert step_prompts(4, prompts, tiny_cfg) != apa
 
 
-def test_fsdp_is_refused_with_the_reason_and_ddp_is_not():
+def test_fsdp_and_deepspeed_are_refused_with_the_reason_and_ddp_is_not():
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    with pytest.raises(ValueError, match="ddp.yaml"):
-        check_not_fsdp(SimpleNamespace(distributed_type=DistributedType.FSDP))
-    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.DEEPSPEED):
-        check_not_fsdp(SimpleNamespace(distributed_type=kind))
+    with pytest.raises(ValueError, match="FSDP.*ddp.yaml"):
+        check_strategy(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    with pytest.raises(ValueError, match="DeepSpeed.*micro-batches.*ddp.yaml"):
+        check_strategy(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        check_strategy(SimpleNamespace(distributed_type=kind))
 
 
 def test_normalize_scores():

@@ -26,13 +26,13 @@ from starling_lib.policy.evaluate import (ended_with_stop, eval_settings, evalua
                                           policy_with_reference)
 from starling_lib.policy.io import load_or_train_reward_model, policies_dir, save_policies, save_policy
 from starling_lib.policy.methods import ONLINE_METHODS, normalize_scores
-from starling_lib.policy.online import check_not_fsdp, train_online
+from starling_lib.policy.online import check_strategy, train_online
 from starling_lib.policy.prompts import load_prompts, resolve_policy, step_prompts
 from starling_lib.policy.report import (frontier_frame, history_frame, paired_difference, parameter_counts,
                                         phase_frame, policy_metrics, reward_gain, samples_frame, strip_method, summary_table)
 from starling_lib.policy.train import train_policy
 
-__all__ = ["INITIAL_POLICY", "METHODS", "ONLINE_METHODS", "PolicyTrainConfig", "PolicyTrainResult", "check_not_fsdp",
+__all__ = ["INITIAL_POLICY", "METHODS", "ONLINE_METHODS", "PolicyTrainConfig", "PolicyTrainResult", "check_strategy",
            "ended_with_stop", "eval_settings", "evaluate_initial", "evaluate_policy", "frontier_frame", "history_frame",
            "load_config", "load_or_train_reward_model", "load_prompts", "normalize_scores", "parameter_counts",
            "paired_difference", "phase_frame", "policies_dir", "policy_metrics", "policy_with_reference", "resolve_policy", "reward_gain",

@@ -73,14 +73,19 @@ from starling_lib.training import (checkpoint_damage, checkpoints, lr_lambda, ma
                                    save_checkpoint)
 
 
-def check_not_fsdp(accelerator) -> None:
-    """Refuse FSDP for policy tuning, with the reason, before a 7B model is loaded.
+def check_strategy(accelerator) -> None:
+    """Refuse FSDP and DeepSpeed for policy tuning, with the reason, before a 7B model is loaded.
 
-    Rollouts and evaluation call the policy's inner causal LM (`model.generate`, or the sampler),
-    outside the forward of the wrapping SharedTrunkPolicy. Under FSDP the embeddings, final norm
-    and lm_head belong to that root unit and stay sharded there, so the first rollout would fail
-    with "mixed torch.Tensor and DTensor". DDP needs no sharding here: with 4 of 32 layers trained,
-    a 7B policy, its reference layers and the optimizer state fit on one 80 GB GPU per process.
+    FSDP: rollouts and evaluation call the policy's inner causal LM (`model.generate`, or the
+    sampler), outside the forward of the wrapping SharedTrunkPolicy. Under FSDP the embeddings,
+    final norm and lm_head belong to that root unit and stay sharded there, so the first rollout
+    would fail with "mixed torch.Tensor and DTensor".
+    DeepSpeed: its engine fixes the micro-batches per optimizer step when it starts (its
+    gradient_accumulation_steps), while this loop takes a minibatch's rows where they were sampled,
+    so a process runs as many micro-batches as it holds rows of that minibatch, and an epoch's
+    last minibatch is smaller; ZeRO would need equal, fixed counts on every process.
+    DDP needs no sharding here: with 4 of 32 layers trained (or LoRA adapters), a 7B policy, its
+    reference layers and the optimizer state fit on one 80 GB GPU per process.
     """
     from accelerate.utils import DistributedType
 
@@ -88,6 +93,11 @@ def check_not_fsdp(accelerator) -> None:
         raise ValueError("policy tuning does not run under FSDP (rollouts call the inner model, whose "
                          "embeddings and lm_head the root FSDP unit keeps sharded); launch it with "
                          "configs/accelerate/ddp.yaml")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("policy tuning does not run under DeepSpeed (its engine fixes the micro-batches per "
+                         "optimizer step, while each process here trains on however many rows of a minibatch it "
+                         "sampled); launch it with configs/accelerate/ddp.yaml: with the top layers or LoRA "
+                         "adapters trained, a 7B policy fits one GPU per process")
 
 
 def check_world_size(cfg: PolicyTrainConfig, num_processes: int) -> None:
@@ -101,9 +111,9 @@ def check_world_size(cfg: PolicyTrainConfig, num_processes: int) -> None:
 
 
 def policy_accelerator(cfg: PolicyTrainConfig):
-    """training.make_accelerator, then the checks of this trainer: no FSDP, a prompt for every process."""
+    """training.make_accelerator, then the checks of this trainer: DDP (or one process), a prompt for every process."""
     accelerator = make_accelerator(cfg)
-    check_not_fsdp(accelerator)
+    check_strategy(accelerator)
     check_world_size(cfg, accelerator.num_processes)
     return accelerator
 
