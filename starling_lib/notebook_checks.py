@@ -95,11 +95,27 @@ def _check_evaluation(params: Mapping[str, Any]) -> None:
         raise ValueError(f"mmlu_task must be one of {', '.join(map(repr, TASKS))} or \"\" (skip); got {params['mmlu_task']!r}")
 
 
+def _check_overoptimisation(params: Mapping[str, Any]) -> None:
+    """Notebook 07: its OveroptConfig (methods, the proxy's share and settings, the policy runs'
+    batch sizes), and a named gold reward model."""
+    from starling_lib.overoptimisation import config_from_params as overopt_config
+
+    overopt_config(params)
+    gold = params.get("gold_reward_model", "")
+    if gold and not (Path(gold) / "reward_model.json").exists():
+        raise ValueError(f"gold_reward_model={gold!r} is not a reward-model folder saved by rm_train (no reward_model.json); "
+                         "\"\" uses notebook 03's of this run")
+    for name, low in (("rm_fallback_steps", 1), ("heldout_prompts", 0)):
+        if name in params and params[name] < low:
+            raise ValueError(f"{name} must be at least {low}; got {params[name]!r}")
+
+
 CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "01_nectar_exploration": _check_nectar,
     "03_kwise_reward_training": _check_reward_model,
     "04_policy_tuning": _check_policy,
     "05_mt_bench_evaluation": _check_evaluation,
+    "07_reward_overoptimisation": _check_overoptimisation,
 }
 
 

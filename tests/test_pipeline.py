@@ -236,7 +236,7 @@ def test_repo_configs_validate_against_the_notebooks(tmp_path):
     for name in ["demo_cpu", "tiny_cpu", "full_gpu"]:
         config = load_config(REPO_ROOT / "papermill_runs" / f"{name}.yaml")
         assert config.name == name
-        assert [e.stem[:2] for e in config.entries] == ["01", "02", "03", "04", "05", "06"]
+        assert [e.stem[:2] for e in config.entries] == ["01", "02", "03", "04", "05", "06", "07"]
         for entry in config.entries:
             if entry.path.exists():
                 assert not entry.optional, f"{name}: {entry.stem} exists; `make demo` must not skip it"
@@ -271,6 +271,10 @@ def test_kernels_get_text_progress_bars_and_an_inline_backend_and_the_environmen
     ("05", {"alpaca_lc_glm": "v2"}, "alpaca_lc_glm must be one of auto, length_controlled_v1, length_controlled_minimal"),
     ("05", {"alpaca_baseline": "gpt4"}, "alpaca_baseline must be one of gpt4_1106_preview, text_davinci_003"),
     ("05", {"alpaca_lc_bootstrap": -1}, "alpaca_lc_bootstrap must be at least 0; got -1"),
+    ("07", {"proxy_fraction": 1.5}, "07_reward_overoptimisation.*proxy_fraction must lie in \\(0, 1\\]"),
+    ("07", {"rl_methods": "apa,dpo"}, "methods: dpo not online methods"),
+    ("07", {"proxy_settings": "steps:3"}, "proxy_settings: steps is set by proxy_fraction"),
+    ("07", {"gold_reward_model": "/nonexistent/rm"}, "gold_reward_model='/nonexistent/rm' is not a reward-model folder"),
 ])
 def test_bad_values_are_refused_before_any_kernel_starts(tmp_path, only, overrides, message):
     from starling_lib.pipeline import REPO_ROOT, plan_run
