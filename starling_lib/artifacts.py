@@ -170,14 +170,10 @@ def place_policies(run_dir: str | os.PathLike | None, initial_path: str, results
     """What `policy.io.save_policies` does for policies trained outside the notebook: each run's saved
     policy linked (or copied) to policies/<method> of the run, where notebook 05 finds it, and the
     initial policy saved there too when it is a local folder."""
-    from starling_lib.models import load_model_and_tokenizer
-    from starling_lib.policy.io import policies_dir, save_policy
+    from starling_lib.policy.io import policies_dir, save_initial_policy
 
     root = policies_dir(run_dir)
-    paths = {}
-    if Path(initial_path).is_dir():
-        model, tokenizer = load_model_and_tokenizer(initial_path, device="cpu")
-        paths["initial"] = save_policy(model, tokenizer, root / "initial", {"method": "initial", "source": initial_path})
+    paths = save_initial_policy(root, initial_path)
     for name, res in results.items():
         src = Path(res.policy_dir)
         paths[name] = src if src.resolve() == (root / name).resolve() else _link_or_copy(src, root / name)

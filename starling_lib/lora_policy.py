@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from starling_lib.models import decoder_layers, position_ids_from_mask
-from starling_lib.rollout import entropy_from_logits, logprobs_from_logits
+from starling_lib.rollout import logprobs_from_logits, response_outputs
 
 
 class LoraPolicy(nn.Module):
@@ -89,13 +89,7 @@ class LoraPolicy(nn.Module):
             raise ValueError("a LoRA policy has no frozen trunk to cache: set cache_trunk false")
         response = input_ids[:, response_start:]                                   # (B, R)
         h = self._hidden(input_ids, attention_mask)[:, response_start - 1:-1]      # (B, R, H)
-        logits = self.model.lm_head(h)                                               # (B, R, V)
-        out = {"logprobs": logprobs_from_logits(logits, response)}
-        if with_entropy:
-            with torch.no_grad():
-                out["entropy"] = entropy_from_logits(logits)
-        if with_values:
-            out["values"] = self.value_head(h.float()).squeeze(-1)
+        out = response_outputs(self.model.lm_head, self.value_head, h, response, with_entropy, with_values)
         if with_ref:
             with torch.no_grad(), self.peft.disable_adapter():
                 ref_h = self._hidden(input_ids, attention_mask)[:, response_start - 1:-1]

@@ -46,6 +46,20 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def response_outputs(lm_head: nn.Module, value_head: nn.Module | None, h: torch.Tensor, response: torch.Tensor,
+                     with_entropy: bool, with_values: bool) -> dict:
+    """From the hidden states h (B, R, H) before each response token (B, R): `logprobs`, and if
+    asked `entropy` (no grad) and `values` (the value head, float32), each (B, R)."""
+    logits = lm_head(h)                                                             # (B, R, V)
+    out = {"logprobs": logprobs_from_logits(logits, response)}
+    if with_entropy:
+        with torch.no_grad():
+            out["entropy"] = entropy_from_logits(logits)
+    if with_values:
+        out["values"] = value_head(h.float()).squeeze(-1)
+    return out
+
+
 class SharedTrunkPolicy(nn.Module):
     """A causal LM with only its last `num_trainable_layers` decoder layers trainable, a frozen
     reference that shares everything below them, and a scalar value head.
@@ -111,13 +125,7 @@ class SharedTrunkPolicy(nn.Module):
             self._capture = None
         # Position P-1+j predicts response token j.
         h = hidden[:, response_start - 1:-1]                                        # (B, R, H)
-        logits = self.model.lm_head(h)                                              # (B, R, V)
-        out = {"logprobs": logprobs_from_logits(logits, response)}
-        if with_entropy:
-            with torch.no_grad():
-                out["entropy"] = entropy_from_logits(logits)
-        if with_values:
-            out["values"] = self.value_head(h.float()).squeeze(-1)
+        out = response_outputs(self.model.lm_head, self.value_head, h, response, with_entropy, with_values)
         if with_ref:
             with torch.no_grad():
                 ref_h = captured["hidden"].detach()

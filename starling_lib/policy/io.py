@@ -39,14 +39,19 @@ def save_policies(run_dir: str | os.PathLike | None, initial_path: str,
     hub ids directly (its `models` parameter).
     """
     root = policies_dir(run_dir)
-    paths = {}
-    if Path(initial_path).is_dir():
-        model, tokenizer = load_model_and_tokenizer(initial_path, device="cpu")
-        paths["initial"] = save_policy(model, tokenizer, root / "initial", {"method": "initial", "source": initial_path})
+    paths = save_initial_policy(root, initial_path)
     for name, res in results.items():
         paths[name] = save_policy(res.policy.model, res.tokenizer, root / name,
                                   {"method": res.config.method, "training": res.config.fingerprint()})
     return paths
+
+
+def save_initial_policy(root: Path, initial_path: str) -> dict[str, Path]:
+    """{"initial": root/initial} with the initial policy saved there when it is a local folder, else {}."""
+    if not Path(initial_path).is_dir():
+        return {}
+    model, tokenizer = load_model_and_tokenizer(initial_path, device="cpu")
+    return {"initial": save_policy(model, tokenizer, root / "initial", {"method": "initial", "source": initial_path})}
 
 
 def load_or_train_reward_model(run_dir: str | os.PathLike | None, steps: int = 30, device: str = "auto",
