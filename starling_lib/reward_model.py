@@ -35,7 +35,7 @@ from torch import nn
 from starling_lib import hub
 from starling_lib.models import (PACKAGED_MODELS, apply_chat_format, decoder_layers, load_tokenizer,
                                  quiet_transformers, resolve_model, top_layers_from, train_top_layers, trunk_output)
-from starling_lib.rm_layout import chat_texts, encode_chats, pad_right, truncate_keep_end
+from starling_lib.rm_layout import chat_texts, encode_chats, pack_shared_prompts, pad_right, truncate_keep_end
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,8 +136,20 @@ class RewardModel(nn.Module):
         run only the top blocks, new ones are added to it.
         """
         texts = [chat_texts(self.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
-        seqs = encode_chats(self.tokenizer, [t[0] for t in texts], [t[1] for t in texts], self.max_length)
+        prompt_texts = [t[0] for t in texts]
+        seqs, prompt_lengths = encode_chats(self.tokenizer, prompt_texts, [t[1] for t in texts], self.max_length,
+                                            return_prompt_lengths=True)
+        if trunk_cache is None and len(set(prompt_texts)) < len(prompt_texts) and self.can_pack:
+            # Several answers to one prompt (a policy's rollouts, an evaluation's samples): the
+            # prompt is encoded once for all of them (rm_layout.pack_shared_prompts).
+            return score_packed(self, seqs, prompt_lengths, self.tokenizer.pad_token_id, batch_size,
+                                pack_length=2 * self.max_length, progress=progress)
         return self.score_ids(seqs, batch_size=batch_size, progress=progress, trunk_cache=trunk_cache)
+
+    @property
+    def can_pack(self) -> bool:
+        """Whether the body's attention takes the packed layout's 4-D mask (sdpa or eager)."""
+        return getattr(self.backbone.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
     def score_texts(self, texts: Sequence[str], batch_size: int = 16, progress: bool = False) -> torch.Tensor:
         """Rewards for already-rendered chats (each ending with the answer's end-of-turn token).
@@ -176,6 +188,43 @@ def score_sequences(model: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         trunk = trunk_cache.trunk(input_ids, attention_mask) if trunk_cache is not None else None
         rewards[idx] = model(input_ids, attention_mask, trunk=trunk).float().cpu()
+    model.train(was_training)
+    return rewards
+
+
+@torch.no_grad()
+def score_packed(model: nn.Module, seqs: Sequence[Sequence[int]], prompt_lengths: Sequence[int], pad_id: int,
+                 batch_size: int = 16, pack_length: int = 0, progress: bool = False,
+                 desc: str = "scoring") -> torch.Tensor:
+    """Rewards (N,) float32 on CPU for token-id sequences whose first `prompt_lengths` tokens are
+    their prompt's, with each prompt encoded once per batch for all its answers
+    (`rm_layout.pack_shared_prompts`, rows of at most `pack_length` tokens, default the longest
+    sequence): the rewards `score_sequences` gives, to float rounding, from fewer tokens.
+
+    Batches hold about `batch_size` sequences; one prompt's answers stay in one batch.
+    """
+    from tqdm.auto import tqdm
+
+    groups: dict[tuple, list[int]] = {}
+    for i, (ids, n_prompt) in enumerate(zip(seqs, prompt_lengths, strict=True)):
+        groups.setdefault(tuple(ids[:n_prompt]), []).append(i)
+    batches, current = [], []
+    for members in groups.values():
+        if current and len(current) + len(members) > batch_size:
+            batches.append(current)
+            current = []
+        current = current + members
+    batches += [current] if current else []
+    pack_length = max(pack_length, max(len(s) for s in seqs))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rewards = torch.empty(len(seqs), dtype=torch.float32)
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        packed = pack_shared_prompts([seqs[i] for i in idx], [prompt_lengths[i] for i in idx], pack_length, pad_id)
+        rewards[idx] = model(packed["input_ids"].to(device), packed["attention_mask"].to(device),
+                             position_ids=packed["position_ids"].to(device), read=packed["read"].to(device)
+                             ).float().cpu()
     model.train(was_training)
     return rewards
 

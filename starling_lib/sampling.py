@@ -6,7 +6,9 @@ goes through its logits processors, stopping criteria, mask builders and a cache
 concatenation (O(T^2) copying over a response). This loop does only what a rollout needs:
 
     prefill: the left-padded prompts through every layer, K and V written into a cache of
-             (B, kv_heads, P + max_new_tokens, head_dim) per layer, allocated once
+             (B, kv_heads, P + max_new_tokens, head_dim) per layer, allocated once; a prompt
+             that several rows share (a prompt's rollouts, an evaluation's samples) runs once
+             and its cache is copied to each of its rows
     decode:  for each new token: one position through every layer, K and V written in place,
              attention over the filled part of the cache; sample from softmax(logits / T)
              (optionally top-k / top-p); rows that emitted a stop token are padded from then on
@@ -158,6 +160,24 @@ def _attention(q, k, v, mask, scaling: float, eager: bool) -> torch.Tensor:
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
+def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, inverse): the index of the first row of each distinct (ids, mask) row, in order of
+    first appearance, (U,); and for every row the position of its distinct row in `first`, (B,).
+    So input_ids[first][inverse] == input_ids."""
+    B = input_ids.shape[0]
+    if B == 1:
+        zero = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+        return zero, zero
+    keys = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], 1)           # (B, 2P)
+    _, group = torch.unique(keys, dim=0, return_inverse=True)                       # (B,) in sorted order
+    rows = torch.arange(B, device=input_ids.device)
+    first_of_group = torch.full((int(group.max()) + 1,), B, device=input_ids.device).scatter_reduce(
+        0, group, rows, "amin")                                                     # (U,) by sorted group
+    order = first_of_group.argsort()                                                # groups by first appearance
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=input_ids.device))
+    return first_of_group[order], rank[group]
+
+
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            stop_ids: list[int], pad_id: int, temperature: float | torch.Tensor = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -191,6 +211,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     eager = config._attn_implementation == "eager"
     device = input_ids.device
     stops = torch.tensor(stop_ids, device=device)
+    # Rows with the same prompt (a prompt's several rollouts, an evaluation's samples) share one
+    # prefill: it runs on the distinct prompts and their cache is copied out to every row.
+    first, inverse = distinct_rows(input_ids, attention_mask)                      # (U,), (B,)
 
     # Which cache slots hold tokens, as the additive mask sdpa takes (0 or -inf): built once, not
     # converted from a bool mask by every layer's attention call at every step.
@@ -219,10 +242,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
 
     def forward(ids: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, start: int,
                 mask: torch.Tensor) -> torch.Tensor:
-        """ids (B, Q) at cache slots start..start+Q-1, cos and sin_signed (B, 1, Q, D), mask (B, 1, Q, S)
-        -> last position's logits (B, V), float32."""
+        """ids (b, Q) at cache slots start..start+Q-1, cos and sin_signed (b, 1, Q, D), mask (b, 1, Q, S)
+        -> last position's logits (b, V), float32. b is B, or the distinct prompts' count at prefill."""
         h = body.embed_tokens(ids)
-        Q = ids.shape[1]
+        B, Q = ids.shape
         for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, act, down, D, scaling) in enumerate(plan):
             if i == keep_trunk:
                 if not trunk:
@@ -248,13 +271,18 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             h = h + down(act(gate(x)) * up(x))   # the Llama-family MLP
         return model.lm_head(norm(body.norm, h[:, -1])).float()
 
-    # Prefill. A pad query sees only itself, so no row of the mask is empty (an empty row is NaN).
+    # Prefill, of the distinct prompts. A pad query sees only itself, so no row of the mask is
+    # empty (an empty row is NaN).
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    allowed = (causal & (key_bias[:, None, :P] == 0)) | torch.eye(P, dtype=torch.bool, device=device)
-    mask = torch.zeros(B, 1, P, P, device=device).masked_fill_(~allowed.unsqueeze(1), float("-inf"))
-    h0 = body.embed_tokens(input_ids[:, :1])   # only for the rotary embedding's dtype and device
-    cos, sin = body.rotary_emb(h0, positions)                                       # (B, P, D)
-    logits = forward(input_ids, cos.unsqueeze(1), _sign_sin(sin).unsqueeze(1), 0, mask)
+    allowed = (causal & (key_bias[first, None, :P] == 0)) | torch.eye(P, dtype=torch.bool, device=device)
+    mask = torch.zeros(len(first), 1, P, P, device=device).masked_fill_(~allowed.unsqueeze(1), float("-inf"))
+    h0 = body.embed_tokens(input_ids[:1, :1])   # only for the rotary embedding's dtype and device
+    cos, sin = body.rotary_emb(h0, positions[first])                                # (U, P, D)
+    logits = forward(input_ids[first], cos.unsqueeze(1), _sign_sin(sin).unsqueeze(1), 0, mask)
+    if len(first) < B:   # every row gets its prompt's cache, trunk output and next-token logits
+        caches[:] = [(k.index_select(0, inverse), v.index_select(0, inverse)) for k, v in caches]
+        trunk[:] = [t.index_select(0, inverse) for t in trunk]
+        logits = logits.index_select(0, inverse)
     # cos/sin of every decoding step's position at once, not one small call per token.
     cos, sin = body.rotary_emb(h0, next_position + torch.arange(max_new_tokens, device=device))   # (B, R, D)
     cos, sin_signed = cos.unsqueeze(1), _sign_sin(sin).unsqueeze(1)                   # (B, 1, R, D)

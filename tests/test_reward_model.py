@@ -262,6 +262,24 @@ def test_packed_rewards_equal_padded_rewards(attn):
     assert torch.allclose(packed, padded, atol=1e-5)
 
 
+def test_score_encodes_a_repeated_prompt_once_with_the_padded_rewards():
+    """A policy's rollouts and an evaluation's samples answer one prompt several times: score()
+    packs them (each prompt once per batch) and returns, in input order, the padded layout's rewards."""
+    model, tok = build_reward_model("tiny", max_length=48)
+    story = [{"role": "user", "content": "Write a long story about a dragon " * 8}]
+    prompts = [MESSAGES, story, MESSAGES, story, MESSAGES, "a plain prompt"]
+    answers = ["Paris.", "Once upon a time " * 10, "It is Paris.", "No.", "Lyon.", "Yes."]
+    texts = [chat_texts(tok, p, a) for p, a in zip(prompts, answers)]
+    seqs = encode_chats(tok, [t[0] for t in texts], [t[1] for t in texts], 48)
+    tokens_in = []
+    hook = model.backbone.register_forward_pre_hook(lambda m, args, kw: tokens_in.append(kw["input_ids"].numel()),
+                                                    with_kwargs=True)
+    packed = model.score(prompts, answers, batch_size=4)
+    hook.remove()
+    assert torch.allclose(packed, model.score_ids(seqs, batch_size=1), atol=1e-5)
+    assert sum(tokens_in) < sum(len(s) for s in seqs)   # fewer tokens than the sequences hold
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the top block's input needs no grad: expected
 def test_gradient_checkpointing_does_not_backprop_through_frozen_layers():
     model, tok = build_reward_model("tiny", max_length=32, unfrozen_layers=1, gradient_checkpointing=True)

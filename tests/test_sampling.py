@@ -198,3 +198,43 @@ def test_per_row_temperatures(tiny):
     assert not torch.equal(greedy[1], scalar[1])
     all_zero = sample(model, ids, mask, 10, stops, pad, temperature=torch.zeros(3))
     assert torch.equal(all_zero, greedy)
+
+
+def test_distinct_rows_by_hand():
+    from starling_lib.sampling import distinct_rows
+    ids = torch.tensor([[5, 6], [1, 2], [5, 6], [1, 2], [0, 6]])
+    mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 1], [0, 1]])
+    first, inverse = distinct_rows(ids, mask)
+    assert first.tolist() == [0, 1, 4]          # in order of first appearance
+    assert inverse.tolist() == [0, 1, 0, 1, 2]
+    assert torch.equal(ids[first][inverse], ids)
+    assert distinct_rows(ids[:1], mask[:1])[0].tolist() == [0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_repeated_prompts_share_one_prefill_with_the_same_results(tiny, attn):
+    """A prompt sampled several times (responses_per_prompt, evaluation samples) is prefilled once:
+    the rows get the tokens and trunk outputs they get when every row is prefilled on its own."""
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    model.config._attn_implementation = attn
+    ids, mask = left_padded(tok)
+    rep = torch.tensor([0, 1, 0, 2, 1, 0])
+    rows_embedded = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: rows_embedded.append(out.shape[:2]))
+    greedy = sample(model, ids[rep], mask[rep], 12, [tok.eos_token_id], tok.pad_token_id, do_sample=False)
+    hook.remove()
+    assert rows_embedded[1] == (3, 9)   # the prefill (after a 1 x 1 call for the rotary dtype): 3 distinct prompts
+    alone = torch.cat([sample(model, ids[i:i + 1], mask[i:i + 1], 12, [tok.eos_token_id], tok.pad_token_id,
+                              do_sample=False) for i in range(3)])
+    assert torch.equal(greedy, alone[rep][:, :greedy.shape[1]])
+
+    gen = torch.Generator().manual_seed(3)
+    out, trunk = sample(model, ids[rep], mask[rep], 12, [tok.eos_token_id], tok.pad_token_id, generator=gen,
+                        keep_trunk=2)
+    full_mask = torch.cat([mask[rep], torch.ones(len(rep), out.shape[1] - ids.shape[1], dtype=torch.long)], 1)
+    full = model(out, attention_mask=full_mask, output_hidden_states=True).hidden_states[2]   # input of layer 2
+    real = full_mask.bool()
+    real[:, -1] = False   # the last position is never run
+    torch.testing.assert_close(trunk[real], full[real], atol=1e-5, rtol=1e-4)
+    assert len({tuple(r) for r in out[rep == 0].tolist()}) > 1   # one prompt's rows still draw their own tokens
