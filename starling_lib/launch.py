@@ -256,7 +256,7 @@ def plan_launch(config_path: str | os.PathLike, out_dir: str | os.PathLike | Non
                 only: Sequence[str] | str | None = None, overrides: Mapping[str, Any] | None = None,
                 num_processes: int | None = None, *, dry_run: bool = False) -> LaunchPlan:
     """Check everything and return the plan; nothing runs and nothing is written. Raises PipelineError."""
-    from starling_lib.policy.config import PolicyTrainConfig
+    from starling_lib.policy.config import PolicyTrainConfig, parse_method_lr
     from starling_lib.rm_train import RMTrainConfig
 
     config = load_config(config_path, overrides)
@@ -328,9 +328,16 @@ def plan_launch(config_path: str | os.PathLike, out_dir: str | os.PathLike | Non
         if "reward_model" in sets:
             reward_model = str(sets.pop("reward_model"))
         root = run_dir / POLICY_STAGE / "training"
+        # the notebook's per-method learning rates replace the trainer's lr for those methods
+        method_lr = _notebook_value(config, entry, "method_lr", declared) if "method_lr" in declared else ""
+        try:
+            rates = parse_method_lr(str(method_lr))
+        except ValueError as exc:
+            raise PipelineError(f"{stage_where}: notebook {stem}'s {exc}") from None
         cfgs = {}
         for m in methods:
-            method_sets = {**sets, "method": m, "reward_model": reward_model, "output_dir": str(root / m)}
+            method_sets = {**sets, "method": m, "reward_model": reward_model, "output_dir": str(root / m),
+                           **({"lr": rates[m]} if m in rates else {})}
             cfg = cfgs[m] = _trainer_config(f"{stage_where} ({m})", PolicyTrainConfig, trainer, method_sets)
             k = processes_for(cfg, "policy", n) if n else 0
             note = "" if k == n else (f"minibatch_size {cfg.minibatch_size} and micro_batch_size {cfg.micro_batch_size} "
@@ -340,7 +347,12 @@ def plan_launch(config_path: str | os.PathLike, out_dir: str | os.PathLike | Non
                 launches.append(Launch(f"04_policy_{m}", _argv(accel, k, extra, module, trainer, method_sets),
                                        root / m, "policy", k, note))
         if methods:
-            given[stem] = {"trained_policies": str(root), **_matching(cfgs[methods[0]], POLICY_MATCH, declared)}
+            shared = cfgs[methods[0]]
+            if methods[0] in rates:   # the notebook's lr is the trainer's, which that method's rate replaced
+                shared = _trainer_config(stage_where, PolicyTrainConfig, trainer,
+                                         {**sets, "method": methods[0], "reward_model": reward_model,
+                                          "output_dir": str(root / methods[0])})
+            given[stem] = {"trained_policies": str(root), **_matching(shared, POLICY_MATCH, declared)}
             if reward_model != str(rm_dir) and "reward_model" in declared:
                 given[stem]["reward_model"] = reward_model   # the one the policies were tuned against
         rm_launched = any(la.kind == "reward_model" for la in launches)

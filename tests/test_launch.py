@@ -129,6 +129,17 @@ def test_the_notebooks_only_runner_ignores_the_launch_section():
     assert "trained_reward_model" not in params["03_kwise_reward_training"]
 
 
+def test_the_notebooks_method_lr_reaches_those_methods_trainers(tmp_path):
+    plan = plan_launch(FULL, tmp_path / "run", num_processes=8, dry_run=True,
+                       overrides={"methods": "ppo,apa", "method_lr": "ppo:1e-6"})
+    sets = {la.name: dict(a.split("=", 1) for a in shlex.split(la.command())[9:] if a != "--set") for la in plan.launches}
+    assert sets["04_policy_ppo"]["lr"] == "1e-06" and "lr" not in sets["04_policy_apa"]
+    given = {entry.stem: params for entry, params in plan.notebooks.steps}["04_policy_tuning"]
+    assert given["lr"] == 2e-7   # the trainer config's, which the notebook compares apa with
+    with pytest.raises(PipelineError, match="method_lr: 'sft:1' is not method:rate"):
+        plan_launch(FULL, tmp_path / "run", num_processes=8, dry_run=True, overrides={"method_lr": "sft:1"})
+
+
 def test_bad_launch_sections_are_refused(tmp_path):
     def config(section):
         path = tmp_path / "c.yaml"

@@ -308,6 +308,10 @@ def test_reward_gain_is_paired_by_prompt():
     assert gain == pytest.approx(1.0) and se == pytest.approx(0.5)
     with pytest.raises(ValueError, match="different prompt sets"):
         reward_gain(before, {"samples": 1, "rewards": [1.0]})
+    from starling_lib.policy import paired_difference
+    shorter = {"samples": 2, "lengths": [10.0, 12.0, 8.0, 8.0]}      # prompt means 11, 8
+    longer = {"samples": 2, "lengths": [12.0, 12.0, 9.0, 11.0]}      # prompt means 12, 10: differences 1, 2
+    assert paired_difference(shorter, longer, "lengths") == pytest.approx((1.5, 0.5))
 
 
 def test_frontier_and_history_tables():
@@ -337,6 +341,10 @@ def test_evaluation_is_repeatable_and_leaves_the_callers_rng_alone(tiny_cfg):
     c = evaluate_policy(policy, tok, rm, prompts[:2], samples=2, max_new_tokens=6, seed=6)
     assert a["rewards"] == b["rewards"] and a["rewards"] != c["rewards"] and a["num_responses"] == 4
     assert a["kl"] == pytest.approx(0.0, abs=1e-5) and [e["prompt"] for e in a["examples"]][::2] == [p[-1]["content"] for p in prompts[:2]]
+    # per response, for paired comparisons of length and stopping: their means are the reported ones
+    assert len(a["lengths"]) == len(a["stops"]) == 4 and set(a["stops"]) <= {0.0, 1.0}
+    assert (sum(a["lengths"]) / 4, sum(a["stops"]) / 4) == pytest.approx((a["response_length"], a["stop_frac"]))
+    assert all(1 <= n <= 6 for n in a["lengths"])
 
 
 def test_evaluation_shared_out_among_processes_is_the_one_process_evaluation(tiny_cfg):
@@ -389,6 +397,20 @@ def test_configs_load_and_validate(tmp_path):
         PolicyTrainConfig(method="grpo")
     with pytest.raises(ValueError, match="must be even"):
         PolicyTrainConfig(method="p3o", micro_batch_size=3, minibatch_size=6, rollouts_per_step=6)
+
+
+def test_method_lr_gives_single_methods_their_own_learning_rate():
+    from starling_lib.policy import method_config, parse_method_lr
+    assert parse_method_lr("") == {} and parse_method_lr(" ppo:1e-3 , p3o : 2e-4,") == {"ppo": 1e-3, "p3o": 2e-4}
+    base = PolicyTrainConfig(lr=3e-4)
+    assert method_config(base, "ppo", "ppo:1e-3", output_dir="x").lr == 1e-3
+    apa = method_config(base, "apa", "ppo:1e-3")
+    assert (apa.method, apa.lr) == ("apa", 3e-4)
+    for spec, message in (("grpo:1e-3", "'grpo:1e-3' is not method:rate"), ("ppo", "'ppo' is not method:rate"),
+                          ("ppo=1e-3", "'ppo=1e-3' is not method:rate"), ("ppo:1e-3,ppo:2e-3", "ppo is given twice"),
+                          ("ppo:fast", "positive number, got 'fast'"), ("ppo:0", "positive number, got '0'")):
+        with pytest.raises(ValueError, match=message):
+            parse_method_lr(spec)
 
 
 def test_command_line_writes_history(tiny_cfg, tmp_path, capsys):

@@ -52,6 +52,9 @@ def test_metrics(executed):
         assert m[f"policy/{method}/eval_reward_gain"] == pytest.approx(
             m[f"policy/{method}/eval_reward_final"] - m[f"policy/{method}/eval_reward_initial"], abs=1e-5)
         assert m[f"policy/{method}/eval_kl_final"] >= 0 and m[f"policy/{method}/optimizer_steps"] == 2 * 2 * 2
+        assert m[f"policy/{method}/eval_length_change"] == pytest.approx(    # paired by prompt: the same mean
+            m[f"policy/{method}/eval_response_length_final"] - m["policy/initial/eval_response_length"], abs=1e-4)
+        assert m[f"policy/{method}/eval_stop_frac_change_se"] >= 0
     for method in ["apa", "ppo", "p3o"]:
         assert {f"policy/{method}/{k}" for k in ("reward_mean", "kl", "entropy", "response_length")} <= set(m)
     assert {"policy/ppo/clip_frac", "policy/p3o/clip_frac", "policy/apa/value_loss", "policy/ppo/value_loss"} <= set(m)

@@ -21,7 +21,8 @@ A notebook imports what it needs from here:
     from starling_lib.policy import PolicyTrainConfig, train_policy, summary_table
 """
 
-from starling_lib.policy.config import INITIAL_POLICY, METHODS, PolicyTrainConfig, PolicyTrainResult, load_config
+from starling_lib.policy.config import (INITIAL_POLICY, METHODS, PolicyTrainConfig, PolicyTrainResult, load_config,
+                                        method_config, parse_method_lr)
 from starling_lib.policy.evaluate import (ended_with_stop, eval_settings, evaluate_initial, evaluate_policy,
                                           policy_with_reference)
 from starling_lib.policy.io import load_or_train_reward_model, policies_dir, save_policies, save_policy
@@ -34,8 +35,8 @@ from starling_lib.policy.train import train_policy
 
 __all__ = ["INITIAL_POLICY", "METHODS", "ONLINE_METHODS", "PolicyTrainConfig", "PolicyTrainResult", "check_strategy",
            "ended_with_stop", "eval_settings", "evaluate_initial", "evaluate_policy", "frontier_frame", "history_frame",
-           "load_config", "load_or_train_reward_model", "load_prompts", "normalize_scores", "parameter_counts",
-           "paired_difference", "phase_frame", "policies_dir", "policy_metrics", "policy_with_reference", "resolve_policy", "reward_gain",
+           "load_config", "load_or_train_reward_model", "load_prompts", "method_config", "normalize_scores", "parameter_counts",
+           "paired_difference", "parse_method_lr", "phase_frame", "policies_dir", "policy_metrics", "policy_with_reference", "resolve_policy", "reward_gain",
            "samples_frame",
            "save_policies", "save_policy", "step_prompts", "strip_method", "summary_table", "train_online",
            "train_policy"]

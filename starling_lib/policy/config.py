@@ -306,3 +306,36 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     """A PolicyTrainConfig from a YAML file of fields and `key=value` overrides (unknown keys are errors)."""
     from starling_lib.runs import load_dataclass_config
     return load_dataclass_config(PolicyTrainConfig, path, overrides)
+
+
+def parse_method_lr(spec: str) -> dict[str, float]:
+    """Per-method learning rates that replace `lr` for those methods: "ppo:1e-3, p3o:1e-3" ->
+    {"ppo": 0.001, "p3o": 0.001}; "" -> {}. A ValueError names an unknown method, a repeated one
+    or a value that is not a positive number.
+
+    The losses move the policy at different speeds per unit of learning rate (APA regresses the
+    log-ratio onto advantage / lam; PPO and P3O take clipped steps on whitened advantages), so a
+    comparison at one learning rate can be a comparison of step sizes; the APA paper tuned each."""
+    rates: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = (s.strip() for s in part.partition(":"))
+        if not sep or name not in METHODS:
+            raise ValueError(f"method_lr: {part!r} is not method:rate with a method from {', '.join(METHODS)}")
+        if name in rates:
+            raise ValueError(f"method_lr: {name} is given twice in {spec!r}")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = float("nan")
+        if not rate > 0:
+            raise ValueError(f"method_lr: the rate of {name} must be a positive number, got {value!r}")
+        rates[name] = rate
+    return rates
+
+
+def method_config(base: PolicyTrainConfig, method: str, method_lr: str = "", **changes) -> PolicyTrainConfig:
+    """`base` for `method`: its own learning rate where `method_lr` (`parse_method_lr`) names one,
+    then `changes` (such as output_dir)."""
+    from dataclasses import replace
+    lr = parse_method_lr(method_lr).get(method, base.lr)
+    return replace(base, method=method, lr=lr, **changes)

@@ -45,9 +45,10 @@ def evaluate_policy(policy: SharedTrunkPolicy, tokenizer, reward_model, prompts:
     get the whole result, the same as one process's.
     Returns reward_mean, reward_se (standard error over responses), kl (mean over responses of
     the k3 estimate summed over tokens) and kl_se (its standard error over prompts, each prompt's
-    samples averaged first: they share the prompt), rewards and kls (per response, prompt-major,
-    for paired comparisons of two policies), response_length, stop_frac (share that ended with
-    `<|end_of_turn|>`), and a few (prompt, response, reward) examples.
+    samples averaged first: they share the prompt), response_length, stop_frac (share that ended
+    with a stop token), rewards, kls, lengths and stops (per response, prompt-major, for paired
+    comparisons of two policies: report.paired_difference), and the (prompt, response, reward)
+    of every response as examples.
     """
     autocast = autocast or contextlib.nullcontext
     was_training = policy.training
@@ -85,8 +86,9 @@ def evaluate_policy(policy: SharedTrunkPolicy, tokenizer, reward_model, prompts:
         e["reward"] = reward
     return {"reward_mean": r.mean().item(), "reward_se": (r.std() / math.sqrt(len(r))).item() if len(r) > 1 else 0.0,
             "kl": k.mean().item(), "kl_se": _prompt_se(k, samples), "kls": k.tolist(),
-            "response_length": lengths.mean().item(),
-            "stop_frac": stops.mean().item(), "num_responses": len(r), "samples": samples, "rewards": r.tolist(),
+            "response_length": lengths.mean().item(), "lengths": lengths.tolist(),
+            "stop_frac": stops.mean().item(), "stops": stops.tolist(), "num_responses": len(r), "samples": samples,
+            "rewards": r.tolist(),
             "examples": examples}
 
 

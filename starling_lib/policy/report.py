@@ -49,7 +49,8 @@ def phase_frame(results: dict[str, PolicyTrainResult]):
 
 
 def paired_difference(before: dict, after: dict, key: str = "rewards") -> tuple[float, float]:
-    """(mean difference, standard error) of a per-response quantity (`key`: "rewards" or "kls")
+    """(mean difference, standard error) of a per-response quantity (`key`: "rewards", "kls",
+    "lengths" or "stops")
     from evaluation `before` to `after` of the same prompts.
 
     Paired by prompt: each prompt's mean over its samples, after minus before; the error is the
@@ -160,6 +161,10 @@ def policy_metrics(initial: dict, results: dict[str, PolicyTrainResult], *, init
                         f"policy/{name}/eval_stop_frac_final": row["stopped"], f"policy/{name}/train_wall_s": res.wall_s,
                         f"policy/{name}/eval_s": res.eval_s, f"policy/{name}/optimizer_steps": res.extra["optimizer_steps"],
                         f"policy/{name}/policy_dir": str(saved[name])})
+        for key, metric in (("lengths", "eval_length_change"), ("stops", "eval_stop_frac_change")):
+            if key in initial and key in res.eval_details[-1]:   # older evaluations kept only the means
+                diff, se = paired_difference(initial, res.eval_details[-1], key)
+                metrics.update({f"policy/{name}/{metric}": diff, f"policy/{name}/{metric}_se": se})
         if res.config.method != "dpo":
             metrics.update({k: v for k, v in res.history[-1].items() if k.startswith(f"policy/{name}/")})
     return metrics
