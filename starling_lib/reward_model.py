@@ -198,10 +198,13 @@ def score_packed(model: nn.Module, seqs: Sequence[Sequence[int]], prompt_lengths
                  desc: str = "scoring") -> torch.Tensor:
     """Rewards (N,) float32 on CPU for token-id sequences whose first `prompt_lengths` tokens are
     their prompt's, with each prompt encoded once per batch for all its answers
-    (`rm_layout.pack_shared_prompts`, rows of at most `pack_length` tokens, default the longest
-    sequence): the rewards `score_sequences` gives, to float rounding, from fewer tokens.
+    (`rm_layout.pack_shared_prompts`): the rewards `score_sequences` gives, to float rounding,
+    from fewer tokens.
 
-    Batches hold about `batch_size` sequences; one prompt's answers stay in one batch.
+    Batches hold about `batch_size` sequences; one prompt's answers stay in one batch. A row holds
+    at most the batch's largest prompt-and-answers segment (no more than `pack_length`, when it is
+    set, and no less than the longest sequence): attention over a packed row is computed densely,
+    so rows much longer than a segment would trade the tokens saved for attention work.
     """
     from tqdm.auto import tqdm
 
@@ -215,13 +218,18 @@ def score_packed(model: nn.Module, seqs: Sequence[Sequence[int]], prompt_lengths
             current = []
         current = current + members
     batches += [current] if current else []
-    pack_length = max(pack_length, max(len(s) for s in seqs))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     rewards = torch.empty(len(seqs), dtype=torch.float32)
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        packed = pack_shared_prompts([seqs[i] for i in idx], [prompt_lengths[i] for i in idx], pack_length, pad_id)
+        segment: dict[tuple, int] = {}   # prompt -> its tokens plus all its answers' in this batch
+        for i in idx:
+            key = tuple(seqs[i][:prompt_lengths[i]])
+            segment[key] = segment.get(key, prompt_lengths[i]) + len(seqs[i]) - prompt_lengths[i]
+        row = max(segment.values())
+        row = max(min(row, pack_length) if pack_length else row, max(len(seqs[i]) for i in idx))
+        packed = pack_shared_prompts([seqs[i] for i in idx], [prompt_lengths[i] for i in idx], row, pad_id)
         rewards[idx] = model(packed["input_ids"].to(device), packed["attention_mask"].to(device),
                              position_ids=packed["position_ids"].to(device), read=packed["read"].to(device)
                              ).float().cpu()
