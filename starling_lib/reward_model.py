@@ -208,27 +208,23 @@ def score_packed(model: nn.Module, seqs: Sequence[Sequence[int]], prompt_lengths
     """
     from tqdm.auto import tqdm
 
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}   # prompt tokens -> its sequences
     for i, (ids, n_prompt) in enumerate(zip(seqs, prompt_lengths, strict=True)):
         groups.setdefault(tuple(ids[:n_prompt]), []).append(i)
-    batches, current = [], []
-    for members in groups.values():
-        if current and len(current) + len(members) > batch_size:
+    batches, current = [], []   # (sequences, largest segment: a prompt's tokens plus all its answers')
+    for prompt, members in groups.items():
+        if current and len(current[0]) + len(members) > batch_size:
             batches.append(current)
             current = []
-        current = current + members
+        segment = len(prompt) + sum(len(seqs[i]) - len(prompt) for i in members)
+        current = [current[0] + members, max(current[1], segment)] if current else [members, segment]
     batches += [current] if current else []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     rewards = torch.empty(len(seqs), dtype=torch.float32)
-    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        segment: dict[tuple, int] = {}   # prompt -> its tokens plus all its answers' in this batch
-        for i in idx:
-            key = tuple(seqs[i][:prompt_lengths[i]])
-            segment[key] = segment.get(key, prompt_lengths[i]) + len(seqs[i]) - prompt_lengths[i]
-        row = max(segment.values())
-        row = max(min(row, pack_length) if pack_length else row, max(len(seqs[i]) for i in idx))
+    for idx, segment in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        row = max(min(segment, pack_length) if pack_length else segment, max(len(seqs[i]) for i in idx))
         packed = pack_shared_prompts([seqs[i] for i in idx], [prompt_lengths[i] for i in idx], row, pad_id)
         rewards[idx] = model(packed["input_ids"].to(device), packed["attention_mask"].to(device),
                              position_ids=packed["position_ids"].to(device), read=packed["read"].to(device)

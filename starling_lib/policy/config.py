@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -336,6 +336,5 @@ def parse_method_lr(spec: str) -> dict[str, float]:
 def method_config(base: PolicyTrainConfig, method: str, method_lr: str = "", **changes) -> PolicyTrainConfig:
     """`base` for `method`: its own learning rate where `method_lr` (`parse_method_lr`) names one,
     then `changes` (such as output_dir)."""
-    from dataclasses import replace
     lr = parse_method_lr(method_lr).get(method, base.lr)
     return replace(base, method=method, lr=lr, **changes)
