@@ -98,6 +98,79 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
+class TrainingPhases:
+    """Where a training run's time goes, measured from outside the trainer, so that two trainers
+    sharing no code (ours and TRL's) are split alike: seconds inside the model's forward (its
+    outermost module call), inside autograd's backward and inside optimizer steps, and the tokens
+    the model read (what its nn.Embedding layers were given, padding included). The rest of the
+    run's wall time is collation, gradient clipping, scheduling and the trainer's own bookkeeping.
+
+        with TrainingPhases() as phases:
+            train(...)
+        phases.forward_s, phases.backward_s, phases.optimizer_s, phases.tokens
+
+    On a CPU every call is synchronous, so the clocks are exact; on a GPU they time the kernel
+    launches, not the kernels. Global module hooks cost each module call a few microseconds (both
+    trainers alike) and torch.compile would trace them: use it on eager models only, without
+    gradient checkpointing (whose recomputed forwards run inside the backward).
+    """
+
+    def __enter__(self) -> "TrainingPhases":
+        from torch.nn.modules import module as nn_module
+        from torch.optim import optimizer as optim_module
+
+        self.forward_s = self.backward_s = self.optimizer_s = 0.0
+        self.tokens = 0
+        depth, started = [0], [0.0, 0.0]
+
+        def before_forward(module, args):
+            if depth[0] == 0:
+                started[0] = time.perf_counter()
+            depth[0] += 1
+            if isinstance(module, torch.nn.Embedding) and args and isinstance(args[0], torch.Tensor):
+                self.tokens += args[0].numel()
+
+        def after_forward(module, args, output):
+            depth[0] -= 1
+            if depth[0] == 0:
+                self.forward_s += time.perf_counter() - started[0]
+
+        def before_step(optimizer, args, kwargs):
+            started[1] = time.perf_counter()
+
+        def after_step(optimizer, args, kwargs):
+            self.optimizer_s += time.perf_counter() - started[1]
+
+        self._handles = [nn_module.register_module_forward_pre_hook(before_forward),
+                         nn_module.register_module_forward_hook(after_forward),
+                         optim_module.register_optimizer_step_pre_hook(before_step),
+                         optim_module.register_optimizer_step_post_hook(after_step)]
+        # Tensor.backward calls torch.autograd.backward by name, so wrapping it times every backward.
+        self._backward = torch.autograd.backward
+
+        def timed_backward(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return self._backward(*args, **kwargs)
+            finally:
+                self.backward_s += time.perf_counter() - t
+
+        torch.autograd.backward = timed_backward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.autograd.backward = self._backward
+        for handle in self._handles:
+            handle.remove()
+
+    def split(self, wall_s: float) -> dict[str, float]:
+        """The phases of a run that took `wall_s` seconds, as result-row fields."""
+        return {"forward_s": self.forward_s, "backward_s": self.backward_s, "optimizer_s": self.optimizer_s,
+                "rest_s": wall_s - self.forward_s - self.backward_s - self.optimizer_s,
+                "model_tokens": self.tokens,
+                "us_per_token_fwd_bwd": 1e6 * (self.forward_s + self.backward_s) / max(self.tokens, 1)}
+
+
 def report(name: str, rows: list[dict], notes: str = "") -> Path:
     """Print rows as a Markdown table and save them with the machine to results/<name>.json."""
     cols = list(dict.fromkeys(k for r in rows for k in r))

@@ -54,6 +54,7 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
+from accelerate.utils import compile_regions
 
 from starling_lib import tracking
 from starling_lib.losses import pairwise_split_loss, plackett_luce_loss
@@ -156,15 +157,18 @@ class RMTrainConfig(TrainConfig):
     is a smaller share of the work, so try 2-4 x max_length (benchmarks/rm_epoch.py --pack-length)."""
 
     compile_model: bool = False
-    """Run the training forward and backward through `torch.compile` (inductor): the same model,
-    parameters and state_dict, only the training step compiled (evaluation, saving and the trunk
-    cache's path stay eager). Rewards agree with eager to float rounding (1e-6 on the tiny model).
-    It fuses the element-wise work (RMSNorm, rotary, SiLU x up and their backward), which is
-    memory-bound on a CPU: on 2 AMD EPYC cores, tiny model, packed rows of 384, a step took
-    0.61-0.69x the eager time; the first step pays the compilation (60-80 s there, 5-11 s
-    with inductor's on-disk cache warm), so it pays off after about 30 such steps, not in short
-    runs. The batch dimension is compiled as dynamic (packed micro-batches vary in rows);
-    a new row width recompiles once, then that dimension turns dynamic too."""
+    """Run the training forward and backward through `torch.compile` (inductor), one decoder block
+    compiled for all (accelerate's `compile_regions`): the same model, parameters and state_dict,
+    only the training step compiled (evaluation, saving and the trunk cache's path stay eager).
+    Rewards agree with eager to float rounding (1e-6 on the tiny model). It fuses the element-wise
+    work (RMSNorm, rotary, SiLU x up and their backward), so it gains where that work is a large
+    share of a step. On an idle 2-core AMD EPYC (AVX512), tiny model, packed rows of 384, it is
+    not: matrix products and attention are 82% of the step, and a compiled step took the eager
+    time (1.48 against 1.49 s) while the first step paid 23 s of compilation (5 s with inductor's
+    on-disk cache warm; 41-45 s compiling the whole model as one graph). An earlier measurement on
+    the same kind of machine under load found 0.61-0.69x the eager step. Off by default. The batch
+    dimension is compiled as dynamic (packed micro-batches vary in rows); a new row width
+    recompiles once, then that dimension turns dynamic too."""
 
     unfrozen_layers: int = -1
     """Top transformer blocks trained (with the final norm and the head); -1 trains all (full
@@ -420,11 +424,13 @@ def train_reward_model(cfg: RMTrainConfig, stop_after: int | None = None,
     per_process = cfg.batch_size // accelerator.num_processes
     rank = accelerator.process_index
     sequences = tokens = 0
-    # compile_model: a compiled view of the same module for the training step only, so parameter
-    # names, saving, evaluation and the trunk cache's path see the eager model.
-    train_forward = torch.compile(model) if cfg.compile_model and trunk_cache is None else model
-    tracking.start(accelerator, f"reward_model_{cfg.loss}", cfg.fingerprint())   # as cfg.report_to says
     model.train()
+    # compile_model: a compiled view of the same module for the training step only, so parameter
+    # names, saving, evaluation and the trunk cache's path see the eager model. Regional: each
+    # decoder block is compiled once and the compiled code serves every block (accelerate's
+    # compile_regions), a third less compilation than the whole model's graph.
+    train_forward = compile_regions(model) if cfg.compile_model and trunk_cache is None else model
+    tracking.start(accelerator, f"reward_model_{cfg.loss}", cfg.fingerprint())   # as cfg.report_to says
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"reward model ({cfg.loss})",
                disable=not (cfg.progress and accelerator.is_main_process))
     t0, eval_s = time.perf_counter(), 0.0

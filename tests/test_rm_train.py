@@ -212,7 +212,7 @@ def test_packed_and_padded_layouts_train_alike(straight):
 def test_the_compiled_training_step_trains_as_the_eager_one(straight, tmp_path):
     """compile_model runs the same step through torch.compile: the same losses and held-out
     accuracy to rounding, and the returned model is the plain eager one under the same names.
-    Slow: the first compilation takes about a minute on 2 CPU cores (a warm inductor cache: 10 s)."""
+    Slow: 32 s on 2 CPU cores with a cold inductor cache (10 s warm)."""
     compiled = train_reward_model(RMTrainConfig(**TINY, eval_every=2, eval_prompts=3, output_dir=str(tmp_path),
                                                 compile_model=True))
     assert [h["rm/loss"] for h in compiled.history] == pytest.approx([h["rm/loss"] for h in straight.history], rel=1e-4)
