@@ -211,14 +211,15 @@ def score_packed(model: nn.Module, seqs: Sequence[Sequence[int]], prompt_lengths
     groups: dict[tuple, list[int]] = {}   # prompt tokens -> its sequences
     for i, (ids, n_prompt) in enumerate(zip(seqs, prompt_lengths, strict=True)):
         groups.setdefault(tuple(ids[:n_prompt]), []).append(i)
-    batches, current = [], []   # (sequences, largest segment: a prompt's tokens plus all its answers')
+    batches = []   # (sequences, largest segment: a prompt's tokens plus all its answers')
+    batch, largest = [], 0
     for prompt, members in groups.items():
-        if current and len(current[0]) + len(members) > batch_size:
-            batches.append(current)
-            current = []
-        segment = len(prompt) + sum(len(seqs[i]) - len(prompt) for i in members)
-        current = [current[0] + members, max(current[1], segment)] if current else [members, segment]
-    batches += [current] if current else []
+        if batch and len(batch) + len(members) > batch_size:
+            batches.append((batch, largest))
+            batch, largest = [], 0
+        batch = batch + members
+        largest = max(largest, len(prompt) + sum(len(seqs[i]) - len(prompt) for i in members))
+    batches += [(batch, largest)] if batch else []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

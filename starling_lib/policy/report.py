@@ -71,14 +71,21 @@ def reward_gain(before: dict, after: dict) -> tuple[float, float]:
 
 def summary_table(initial: dict, results: dict[str, PolicyTrainResult]):
     """One row per method: held-out reward of the initial and the tuned policy, the paired gain,
-    KL to the initial policy, response length, and the cost (time, responses, optimizer steps)."""
+    KL to the initial policy, response length and share stopped with their paired changes from the
+    initial policy (NaN for evaluations that kept only the means), and the cost (time, responses,
+    optimizer steps)."""
     rows = []
     for name, res in results.items():
         final = res.eval_details[-1]
         gain, se = reward_gain(initial, final)
+        changes = {}
+        for key, column in (("lengths", "length change"), ("stops", "stopped change")):
+            paired = key in initial and key in final
+            diff, diff_se = paired_difference(initial, final, key) if paired else (float("nan"), float("nan"))
+            changes.update({column: diff, f"{column} s.e.": diff_se})
         rows.append({"method": name, "initial reward": initial["reward_mean"], "final reward": final["reward_mean"],
                      "gain": gain, "gain s.e.": se, "KL to initial": final["kl"], "KL s.e.": final.get("kl_se", float("nan")),
-                     "response length": final["response_length"], "stopped": final["stop_frac"],
+                     "response length": final["response_length"], "stopped": final["stop_frac"], **changes,
                      "train s": res.wall_s, "eval s": res.eval_s,
                      "sequences": res.extra.get("responses_generated", 2 * res.extra.get("num_pairs", 0)),
                      "optimizer steps": res.extra["optimizer_steps"]})
@@ -161,10 +168,9 @@ def policy_metrics(initial: dict, results: dict[str, PolicyTrainResult], *, init
                         f"policy/{name}/eval_stop_frac_final": row["stopped"], f"policy/{name}/train_wall_s": res.wall_s,
                         f"policy/{name}/eval_s": res.eval_s, f"policy/{name}/optimizer_steps": res.extra["optimizer_steps"],
                         f"policy/{name}/policy_dir": str(saved[name])})
-        for key, metric in (("lengths", "eval_length_change"), ("stops", "eval_stop_frac_change")):
-            if key in initial and key in res.eval_details[-1]:   # older evaluations kept only the means
-                diff, se = paired_difference(initial, res.eval_details[-1], key)
-                metrics.update({f"policy/{name}/{metric}": diff, f"policy/{name}/{metric}_se": se})
+        for column, metric in (("length change", "eval_length_change"), ("stopped change", "eval_stop_frac_change")):
+            if not math.isnan(row[column]):   # older evaluations kept only the means
+                metrics.update({f"policy/{name}/{metric}": row[column], f"policy/{name}/{metric}_se": row[f"{column} s.e."]})
         if res.config.method != "dpo":
             metrics.update({k: v for k, v in res.history[-1].items() if k.startswith(f"policy/{name}/")})
     return metrics
